@@ -1,0 +1,190 @@
+"""Shared machinery of the local self-attention layers: projections, windows, chunking.
+
+Axes: B batch, C channels, G group size, H W spatial, X query positions (the cropped interior),
+P window offsets, J = P * G' keys per query, nh heads, d head dim.
+
+Memory is bounded by computing the attention for a chunk of query positions at a time (all
+of the batch, heads and group elements); under autograd each chunk is recomputed in the backward
+pass (activation checkpointing) so that no score tensor outlives its chunk. ``chunk_elements``
+bounds the number of scores a chunk holds.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from training.groups import Group
+from training.windows import neighbour_index, resolve_window_shape, window_offsets
+
+__all__ = ["WindowedAttention", "DEFAULT_CHUNK_ELEMENTS"]
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 20  # scores per chunk: 4 MiB in float32, cache-sized
+
+
+class WindowedAttention(nn.Module):
+    """Base of lifting and group self-attention over a (local or global) window.
+
+    Args:
+        in_dim: input channels C.
+        out_dim: output channels.
+        num_heads: nh.
+        head_dim: d, the channels per head of queries, keys, values and the encoding.
+        group: the group H.
+        kernel_size: odd window side; ``None`` for global attention over a ``max_size`` image
+            (implemented as a ``2 * max_size - 1`` window with everything outside masked).
+        max_size: largest input side, needed for global attention.
+        window: ``"square"``, ``"disc"`` or ``"auto"`` (square when every element is grid-exact).
+        crop: positions dropped on every side of the output; queries are only computed inside.
+        attn_drop: dropout on the attention probabilities.
+        chunk_elements: upper bound of scores held at once (see module docstring).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_heads: int,
+        head_dim: int,
+        group: Group,
+        kernel_size: int | None = 5,
+        max_size: int | None = None,
+        window: str = "auto",
+        crop: int = 0,
+        attn_drop: float = 0.0,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ):
+        super().__init__()
+        if kernel_size is None:
+            if max_size is None:
+                raise ValueError("global attention (kernel_size=None) needs max_size, the largest input side")
+            kernel_size = 2 * max_size - 1
+            window = "square"
+        if crop < 0:
+            raise ValueError(f"crop must be >= 0, got {crop}")
+        self.in_dim = in_dim
+        self.out_dim = out_dim
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.group = group
+        self.kernel_size = kernel_size
+        self.window = resolve_window_shape(window, group)
+        self.crop = crop
+        self.chunk_elements = chunk_elements
+        self.chunk_queries: int | None = None  # fixed chunk size (set for export); None: from budget
+        self.scale = 1.0 / math.sqrt(head_dim)
+        offsets = window_offsets(kernel_size, self.window)
+        self.register_buffer("offsets", offsets, persistent=False)  # P, 2 (drow, dcol)
+        inner = num_heads * head_dim
+        self.query = nn.Linear(in_dim, inner)
+        self.key = nn.Linear(in_dim, inner)
+        self.value = nn.Linear(in_dim, inner)
+        self.proj = nn.Linear(inner, out_dim)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self._geometry: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor | None, int, list[bool]]] = {}
+
+    @property
+    def num_offsets(self) -> int:
+        return self.offsets.shape[0]
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_dim} -> {self.out_dim}, group={self.group.name}, heads={self.num_heads}, "
+            f"head_dim={self.head_dim}, window={self.window}{self.kernel_size}, crop={self.crop}"
+        )
+
+    def _check_input(self, x: torch.Tensor, group_axis: bool) -> None:
+        want = 5 if group_axis else 4
+        layout = "[B, H, W, G, C]" if group_axis else "[B, H, W, C]"
+        if x.dim() != want:
+            raise ValueError(f"{type(self).__name__} expects a {want}-d input {layout}, got shape {tuple(x.shape)}")
+        if x.shape[-1] != self.in_dim:
+            raise ValueError(f"{type(self).__name__} expects {self.in_dim} input channels, got {x.shape[-1]}")
+        if group_axis and x.shape[3] != self.group.order:
+            raise ValueError(
+                f"{type(self).__name__} expects a group axis of {self.group.order} ({self.group.name}), got {x.shape[3]}"
+            )
+        if x.shape[1] != x.shape[2]:
+            raise ValueError(
+                f"{type(self).__name__} needs a square input (rotations map it onto itself), got {x.shape[1]}x{x.shape[2]}"
+            )
+        if x.shape[1] - 2 * self.crop < 1:
+            raise ValueError(f"input {x.shape[1]}x{x.shape[2]} is too small for crop {self.crop}")
+
+    def geometry(
+        self, height: int, width: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int, list[bool]]:
+        """Cached ``(index [X, P], bias [X, P] or None, pad, per-query "has outside keys")``.
+
+        Computed once per input size from constants, so ``forward`` never branches on tensor values.
+        """
+        key = (height, width, str(device))
+        if key not in self._geometry:
+            index, outside, pad = neighbour_index(height, width, self.offsets.cpu(), self.crop)
+            bias = None
+            if bool(outside.any()):
+                bias = torch.zeros(outside.shape).masked_fill(outside, float("-inf")).to(device)
+            self._geometry[key] = (index.to(device), bias, pad, outside.any(dim=1).tolist())
+        return self._geometry[key]
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries at the interior, keys and values everywhere (zero-padded, flattened).
+
+        Args:
+            x: ``[B, H, W, G, C]`` (``G = 1`` for the lifting layer).
+
+        Returns:
+            q ``[B, nh, X, G, d]`` (already scaled by 1/sqrt(d)), k and v ``[B, nh, Hp*Wp, G, d]``.
+        """
+        b, h, w, g, _ = x.shape
+        c, nh, d = self.crop, self.num_heads, self.head_dim
+        pad = self.geometry(h, w, x.device)[2]
+        xq = x[:, c : h - c, c : w - c]  # B, H', W', G, C
+        q = self.query(xq) * self.scale  # B, H', W', G, nh d
+        q = q.view(b, -1, g, nh, d).permute(0, 3, 1, 2, 4)  # B, nh, X, G, d
+        kv = torch.cat([self.key(x), self.value(x)], dim=-1)  # B, H, W, G, 2 nh d
+        kv = F.pad(kv, (0, 0, 0, 0, pad, pad, pad, pad))  # B, Hp, Wp, G, 2 nh d
+        kv = kv.view(b, -1, g, 2, nh, d).permute(3, 0, 4, 1, 2, 5).contiguous()  # 2, B, nh, HpWp, G, d
+        return q, kv[0], kv[1]
+
+    def attend(
+        self,
+        chunk_fn: Callable[..., torch.Tensor],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        table: torch.Tensor,
+        height: int,
+        width: int,
+        scores_per_query: int,
+    ) -> torch.Tensor:
+        """Run ``chunk_fn`` over chunks of query positions and merge heads.
+
+        Returns:
+            ``[B, X, G_out, nh d]``.
+        """
+        b, nh, x_total = q.shape[:3]
+        index, bias, _, row_outside = self.geometry(height, width, q.device)
+        n = self.chunk_queries or max(1, self.chunk_elements // max(1, b * nh * scores_per_query))
+        use_ckpt = torch.is_grad_enabled() and (q.requires_grad or table.requires_grad)
+        outs = []
+        for start in range(0, x_total, n):
+            stop = min(start + n, x_total)
+            idx = index[start:stop].reshape(-1)  # n P
+            kwin = k.index_select(2, idx)  # B, nh, n P, G', d
+            vwin = v.index_select(2, idx)  # B, nh, n P, G', d
+            kwin = kwin.view(b, nh, stop - start, -1, k.shape[-1])  # B, nh, n, J, d
+            vwin = vwin.view(b, nh, stop - start, -1, v.shape[-1])  # B, nh, n, J, d
+            bias_c = bias[start:stop] if bias is not None and any(row_outside[start:stop]) else None
+            qc = q[:, :, start:stop]  # B, nh, n, G, d
+            if use_ckpt:
+                outs.append(checkpoint(chunk_fn, qc, kwin, vwin, table, bias_c, self.attn_drop, use_reentrant=False))
+            else:
+                outs.append(chunk_fn(qc, kwin, vwin, table, bias_c, self.attn_drop))
+        out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # B, nh, X, G, d
+        return out.permute(0, 2, 3, 1, 4).reshape(b, x_total, out.shape[3], nh * out.shape[-1])  # B, X, G, nh d

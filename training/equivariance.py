@@ -1,0 +1,42 @@
+"""The group acting on images and on signals over Z^2 x| H, and equivariance checks.
+
+Only grid-exact elements (multiples of 90 degrees, mirrors) act on pixel arrays without
+interpolation; ``act_on_spatial`` refuses the others.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from training.groups import Group
+
+__all__ = ["act_on_spatial", "act_on_group_signal", "relative_error"]
+
+
+def act_on_spatial(x: torch.Tensor, group: Group, element: int, dims: tuple[int, int]) -> torch.Tensor:
+    """``(T_g x)(p) = x(g^-1 p)`` on the two spatial dims ``(row, col)`` of ``x``."""
+    if not group.is_grid_exact(element):
+        raise ValueError(
+            f"element {element} of {group.name} ({group.angle_degrees(element):.1f} deg) is not grid-exact; "
+            "rotate with interpolation instead"
+        )
+    r, m = group.element(element)
+    if m:
+        x = x.flip(dims[0])  # M: (u, v) -> (u, -v), an up-down flip
+    quarter_turns = (4 * r) // group.n
+    return torch.rot90(x, quarter_turns, dims=dims)
+
+
+def act_on_group_signal(
+    x: torch.Tensor, group: Group, element: int, spatial_dims: tuple[int, int] | None, group_dim: int
+) -> torch.Tensor:
+    """``(L_g f)(p, h) = f(g^-1 p, g^-1 h)``; ``spatial_dims=None`` for signals without space."""
+    if spatial_dims is not None:
+        x = act_on_spatial(x, group, element, spatial_dims)
+    perm = group.left_regular_permutation(element).to(x.device)
+    return x.index_select(group_dim, perm)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max |a - b| / max |b|``: the relative error used by every equivariance test."""
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))

@@ -1,0 +1,132 @@
+"""Group self-attention: a signal on Z^2 x| H to a signal on Z^2 x| H (paper Eq. 14).
+
+Paper form (sum over query orientations h~, cost |H|^3 per position):
+
+    out(x, h) = sum_{h~} sum_{(y, h')} softmax_{(y, h')}( q(x, h~) . (k(y, h') + rho(h^-1 (y - x), h^-1 h')) / sqrt(d) ) v(y, h')
+
+Aligned form (``form="aligned"``): only ``h~ = h`` (cost |H|^2); equally equivariant, cheaper, and a
+different model, so it is an option and never a silent substitute.
+
+The sum over ``h~`` is taken over the attention probabilities before they touch the values, so
+the value product costs |H|^2 like the aligned form.
+
+Axes: B batch, C channels, G group size (h~ query, h output, h' key), H W spatial, X query
+positions, P window offsets, J = P G' keys per query, nh heads, d head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from training.attention_base import DEFAULT_CHUNK_ELEMENTS, WindowedAttention
+from training.encoding import GroupPositionalEncoding
+from training.groups import Group
+
+__all__ = ["GroupSelfAttention", "FORMS"]
+
+FORMS = ("paper", "aligned")
+
+
+def _content(q: torch.Tensor, kwin: torch.Tensor, bias: torch.Tensor | None, p: int) -> torch.Tensor:
+    """``q(x, h~) . k(y, h')`` with keys outside the image masked: ``[B, nh, n, G~, J]``."""
+    content = q @ kwin.transpose(-1, -2)  # B, nh, n, G~, J
+    if bias is not None:
+        b, nh, n, g, j = content.shape
+        content = (content.view(b, nh, n, g, p, j // p) + bias.view(n, 1, p, 1)).view(b, nh, n, g, j)
+    return content
+
+
+def _paper_chunk(q, kwin, vwin, table, bias, drop: nn.Module) -> torch.Tensor:
+    """Paper form for a chunk of n queries.
+
+    Args:
+        q: ``[B, nh, n, G~, d]``; kwin, vwin: ``[B, nh, n, J, d]``; table: ``[d, G J]`` ordered
+            ``(h, p, h')``; bias: ``[n, P]`` or None; drop: attention dropout.
+
+    Returns:
+        ``[B, nh, n, G, d]``.
+    """
+    b, nh, n, g, d = q.shape
+    j = kwin.shape[3]
+    p = bias.shape[-1] if bias is not None else j // g
+    pos = (q.reshape(-1, d) @ table).view(b, nh, n, g, g, j)  # B, nh, n, h~, h, J
+    pos += _content(q, kwin, bias, p).unsqueeze(4)  # + B, nh, n, h~, 1, J
+    attn = drop(torch.softmax(pos, dim=-1))  # B, nh, n, h~, h, J
+    attn = attn.sum(dim=3)  # B, nh, n, h, J   (sum over query orientations first)
+    return attn @ vwin  # B, nh, n, h, d
+
+
+def _aligned_chunk(q, kwin, vwin, table, bias, drop: nn.Module) -> torch.Tensor:
+    """Aligned form (h~ = h) for a chunk; ``table`` is ``[G, d, J]``. Returns ``[B, nh, n, G, d]``."""
+    b, nh, n, g, d = q.shape
+    j = kwin.shape[3]
+    p = bias.shape[-1] if bias is not None else j // g
+    qg = q.permute(3, 0, 1, 2, 4).reshape(g, -1, d)  # G, B nh n, d
+    pos = torch.bmm(qg, table).view(g, b, nh, n, j).permute(1, 2, 3, 0, 4)  # B, nh, n, h, J
+    attn = drop(torch.softmax(pos + _content(q, kwin, bias, p), dim=-1))  # B, nh, n, h, J
+    return attn @ vwin  # B, nh, n, h, d
+
+
+class GroupSelfAttention(WindowedAttention):
+    """Group self-attention, local (odd window) or global, multi-head, paper or aligned form.
+
+    Input ``[B, H, W, G, C]`` (channels last), output ``[B, H', W', G, out_dim]``. See
+    :class:`training.attention_base.WindowedAttention` for the shared arguments.
+
+    Args:
+        form: ``"paper"`` (sum over query orientations) or ``"aligned"``.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_heads: int,
+        head_dim: int,
+        group: Group,
+        kernel_size: int | None = 5,
+        max_size: int | None = None,
+        window: str = "auto",
+        crop: int = 0,
+        attn_drop: float = 0.0,
+        form: str = "paper",
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ):
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        super().__init__(
+            in_dim, out_dim, num_heads, head_dim, group, kernel_size, max_size, window, crop, attn_drop, chunk_elements
+        )
+        self.form = form
+        self.pos_enc = GroupPositionalEncoding(head_dim, group, self.offsets)
+        self.frozen_table: torch.Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", form={self.form}"
+
+    def encoding_table(self) -> torch.Tensor:
+        """The group-expanded encoding laid out for the GEMMs (constant once frozen).
+
+        Paper form: ``[d, G P G']`` ordered ``(h, p, h')``; aligned form: ``[G, d, P G']``.
+        """
+        if self.frozen_table is not None:
+            return self.frozen_table
+        table = self.pos_enc()  # G, P, G', d
+        g, d = table.shape[0], table.shape[-1]
+        if self.form == "paper":
+            return table.permute(3, 0, 1, 2).reshape(d, -1)  # d, G P G'
+        return table.permute(0, 3, 1, 2).reshape(g, d, -1)  # G, d, P G'
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x, group_axis=True)
+        b, h, w, g, _ = x.shape
+        q, k, v = self.project(x)  # q: B, nh, X, G, d; k, v: B, nh, HpWp, G, d
+        table = self.encoding_table()
+        j = self.num_offsets * g
+        if self.form == "paper":
+            out = self.attend(_paper_chunk, q, k, v, table, h, w, scores_per_query=g * g * j)
+        else:
+            out = self.attend(_aligned_chunk, q, k, v, table, h, w, scores_per_query=g * j)
+        hc, wc = h - 2 * self.crop, w - 2 * self.crop
+        return self.proj(out).view(b, hc, wc, g, self.out_dim)  # B, H', W', G, C_out
