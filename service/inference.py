@@ -1,0 +1,147 @@
+"""ONNX Runtime sessions for exported GSA-Nets (no FastAPI here).
+
+The graph contract: input ``image`` uint8 ``[N, H, W, C]`` with N dynamic; outputs ``logits``
+``[N, K]``, ``probabilities`` ``[N, K]``, ``orientation_responses`` ``[N, K, G]`` and optionally
+``features`` ``[N, D, G]``. :class:`OnnxModel` checks the graph against its card before serving it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.card import ModelCard
+
+__all__ = ["GraphError", "TensorSpec", "OnnxModel", "choose_providers", "REQUIRED_OUTPUTS", "OPTIONAL_OUTPUTS"]
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+REQUIRED_OUTPUTS = ("logits", "probabilities", "orientation_responses")
+OPTIONAL_OUTPUTS = ("features",)
+
+# ONNX Runtime type strings -> (numpy dtype, Open Inference Protocol datatype)
+_ORT_TYPES = {
+    "tensor(uint8)": (np.uint8, "UINT8"),
+    "tensor(int8)": (np.int8, "INT8"),
+    "tensor(int32)": (np.int32, "INT32"),
+    "tensor(int64)": (np.int64, "INT64"),
+    "tensor(float16)": (np.float16, "FP16"),
+    "tensor(float)": (np.float32, "FP32"),
+    "tensor(double)": (np.float64, "FP64"),
+    "tensor(bool)": (np.bool_, "BOOL"),
+}
+_GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider")
+
+
+class GraphError(ValueError):
+    """An ONNX graph that does not follow the contract or disagrees with its card."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output as the protocol describes it (``-1``: dynamic)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+def choose_providers(device: str, explicit: list[str] | None, available: list[str]) -> list[str]:
+    """Execution providers to ask for, best first: an explicit list, else CUDA (when allowed and
+    available) then CPU."""
+    if explicit:
+        unknown = [p for p in explicit if p not in available]
+        if unknown:
+            log.warning("execution providers %s are not available (available: %s)", unknown, available)
+        chosen = [p for p in explicit if p in available]
+        return chosen or ["CPUExecutionProvider"]
+    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device in ("auto", "cuda") else ["CPUExecutionProvider"]
+    return [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+
+
+def gpu_requested(device: str, explicit: list[str] | None) -> bool:
+    return device == "cuda" or bool(explicit and any(p in _GPU_PROVIDERS for p in explicit))
+
+
+class OnnxModel:
+    """One ONNX Runtime session with the graph checked against the card.
+
+    Args:
+        path: the ``.onnx`` file.
+        card: its model card.
+        providers: execution providers to ask for, best first.
+        intra_op_threads: threads inside one operator (0: ONNX Runtime's default).
+        inter_op_threads: threads across operators (0: default).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        card: ModelCard,
+        providers: list[str],
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 0,
+    ):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = inter_op_threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only: ORT's warnings go to stderr, not our JSON logs
+        self.path = path
+        self.card = card
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self.providers: list[str] = list(self.session.get_providers())
+        self.input, self.outputs = self._check_graph()
+        self.output_names = [o.name for o in self.outputs]
+
+    @property
+    def on_gpu(self) -> bool:
+        return any(p in _GPU_PROVIDERS for p in self.providers)
+
+    def _check_graph(self) -> tuple[TensorSpec, list[TensorSpec]]:
+        card = self.card
+        inputs = self.session.get_inputs()
+        if [i.name for i in inputs] != [INPUT_NAME]:
+            raise GraphError(f"graph inputs are {[i.name for i in inputs]}, expected ['{INPUT_NAME}']")
+        spec = _spec(inputs[0])
+        expected = (-1, card.height, card.width, card.channels)
+        if spec.datatype != "UINT8" or len(spec.shape) != 4 or spec.shape[1:] != expected[1:]:
+            raise GraphError(f"graph input is {spec.datatype} {list(spec.shape)}, card says UINT8 {list(expected)}")
+        outputs = {o.name: _spec(o) for o in self.session.get_outputs()}
+        missing = [n for n in REQUIRED_OUTPUTS if n not in outputs]
+        if missing:
+            raise GraphError(f"graph lacks outputs {missing}")
+        k, g = card.num_classes, card.group_order
+        want = {"logits": (k,), "probabilities": (k,), "orientation_responses": (k, g)}
+        for name, tail in want.items():
+            shape = outputs[name].shape
+            if len(shape) != len(tail) + 1 or any(s != -1 and s != t for s, t in zip(shape[1:], tail)):
+                raise GraphError(f"graph output '{name}' has shape {list(shape)}, card implies [N, {', '.join(map(str, tail))}]")
+        names = [n for n in (*REQUIRED_OUTPUTS, *OPTIONAL_OUTPUTS) if n in outputs]
+        return TensorSpec(INPUT_NAME, "UINT8", expected), [outputs[n] for n in names]
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """``images`` uint8 ``[N, H, W, C]`` -> every contract output, batch first."""
+        values = self.session.run(self.output_names, {INPUT_NAME: images})
+        return dict(zip(self.output_names, values))
+
+    def warmup(self, batch_sizes: list[int]) -> None:
+        """Run once per batch size so that the first real request pays no allocation cost."""
+        card = self.card
+        for n in sorted(set(batch_sizes)):
+            self.run(np.zeros((n, card.height, card.width, card.channels), np.uint8))
+
+
+def _spec(node) -> TensorSpec:
+    if node.type not in _ORT_TYPES:
+        raise GraphError(f"tensor '{node.name}' has unsupported type {node.type}")
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
+    return TensorSpec(node.name, _ORT_TYPES[node.type][1], shape)

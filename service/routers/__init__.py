@@ -1,0 +1,1 @@
+"""One router module per resource: health and server metadata, models, inference, images, metrics."""

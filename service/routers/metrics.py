@@ -1,0 +1,18 @@
+"""Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics of the service and every model version."""
+    server = request.app.state.server
+    for mv in server.repository.all():
+        if mv.runtime is not None:
+            server.metrics.queue_depth.labels(mv.name, mv.version).set(mv.runtime.queue_depth)
+    return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)

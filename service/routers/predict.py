@@ -1,0 +1,154 @@
+"""Image endpoints for people: PNG, JPEG or TIFF in (raw, multipart or base64 JSON), labels,
+probabilities and orientation responses out."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+
+import numpy as np
+from fastapi import APIRouter, Query, Request
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from service.card import ModelCard
+from service.dependencies import ServerDep, SettingsDep, served_model
+from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from service.images import IMAGE_MEDIA_TYPES, ImageLimits, decode_image, to_model_input
+from service.repository import ModelVersion
+from service.runtime import ModelServer
+from service.schemas import Base64Images, ErrorResponse, ImagePrediction, PredictResponse
+from service.settings import Settings
+
+router = APIRouter(prefix="/v1/models/{model_name}", tags=["images"])
+
+_IMAGE_SCHEMA = {"schema": {"type": "string", "format": "binary"}}
+_DOC = {
+    "response_model": PredictResponse,
+    "responses": {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 429, 503)},
+    "openapi_extra": {"requestBody": {"required": True, "content": {
+        **{t: _IMAGE_SCHEMA for t in ("image/png", "image/jpeg", "image/tiff")},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+        "application/json": {"schema": Base64Images.model_json_schema()},
+    }}},
+}
+ResizeQuery = Query(False, description="resize images of another size to the model's input (bilinear)")
+ConvertQuery = Query(False, description="convert RGB to greyscale for greyscale models")
+
+
+@router.post("/predict", **_DOC)
+async def predict(
+    model_name: str, request: Request, server: ServerDep, settings: SettingsDep,
+    resize: bool = ResizeQuery, convert: bool = ConvertQuery,
+) -> PredictResponse:
+    """Classify one or many images with the model's default version."""
+    mv = served_model(request, server, model_name, None)
+    return await _predict(request, server, settings, mv, resize, convert)
+
+
+@router.post("/versions/{version}/predict", **_DOC)
+async def predict_version(
+    model_name: str, version: str, request: Request, server: ServerDep, settings: SettingsDep,
+    resize: bool = ResizeQuery, convert: bool = ConvertQuery,
+) -> PredictResponse:
+    """Classify one or many images with one model version."""
+    mv = served_model(request, server, model_name, version)
+    return await _predict(request, server, settings, mv, resize, convert)
+
+
+async def _predict(
+    request: Request, server: ModelServer, settings: Settings, mv: ModelVersion, resize: bool, convert: bool
+) -> PredictResponse:
+    card = mv.card
+    assert card is not None
+    uploads = await _read_images(request, settings)
+    limits = ImageLimits(settings.max_image_pixels, settings.max_image_side)
+
+    def prepare() -> np.ndarray:
+        return np.stack([
+            to_model_input(decode_image(data, limits, what), card, resize, convert, what)
+            for what, data in ((_describe(i, name), data) for i, (name, data) in enumerate(uploads))
+        ])
+
+    images = await asyncio.to_thread(prepare)
+    outputs = await server.infer(mv, images)
+    server.metrics.inference_requests.labels(mv.name, mv.version, "success").inc()
+    return PredictResponse(
+        model_name=mv.name, model_version=mv.version,
+        predictions=[_prediction(i, name, card, outputs) for i, (name, _) in enumerate(uploads)],
+    )
+
+
+def _describe(index: int, name: str | None) -> str:
+    return f"image {index}" + (f" ({name})" if name else "")
+
+
+async def _read_images(request: Request, settings: Settings) -> list[tuple[str | None, bytes]]:
+    """``(filename, bytes)`` of every image in the body, whichever of the three forms it takes."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    limit = settings.max_images_per_request
+    if media_type in IMAGE_MEDIA_TYPES or media_type == "application/octet-stream":
+        images = [(None, await request.body())]
+    elif media_type == "multipart/form-data":
+        form = await request.form(max_files=limit, max_fields=limit, max_part_size=settings.max_body_bytes)
+        images = [(f.filename, await f.read()) for _, f in form.multi_items() if isinstance(f, UploadFile)]
+        await form.close()
+    elif media_type == "application/json":
+        images = _base64_images(await request.body())
+    else:
+        raise UnsupportedMediaType(
+            f"unsupported content type {media_type or '(none)'!r}: send an image (image/png, image/jpeg, "
+            "image/tiff), multipart/form-data with image files, or JSON with base64 images"
+        )
+    if not images:
+        raise BadRequest("the request holds no images")
+    if len(images) > limit:
+        raise PayloadTooLarge(f"the request holds {len(images)} images; the limit is {limit}")
+    return images
+
+
+def _base64_images(body: bytes) -> list[tuple[str | None, bytes]]:
+    try:
+        doc = Base64Images.model_validate(json.loads(body))
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise BadRequest(f"request body does not match {{\"images\": [base64, ...]}}: {problems}") from None
+    names = doc.filenames or [None] * len(doc.images)
+    if len(names) != len(doc.images):
+        raise BadRequest(f"{len(names)} filenames for {len(doc.images)} images")
+    out = []
+    for i, text in enumerate(doc.images):
+        if text.startswith("data:"):
+            text = text.partition(",")[2]
+        try:
+            out.append((names[i], base64.b64decode(text, validate=True)))
+        except (binascii.Error, ValueError):
+            raise BadRequest(f"images[{i}] is not valid base64") from None
+    return out
+
+
+def _prediction(i: int, name: str | None, card: ModelCard, outputs: dict[str, np.ndarray]) -> ImagePrediction:
+    probs = outputs["probabilities"][i]
+    responses = outputs["orientation_responses"][i]  # K, G
+    top = int(np.argmax(probs))
+    g = int(np.argmax(responses[top]))
+    elements = [e.as_dict() for e in card.elements]
+    return ImagePrediction(
+        index=i,
+        filename=name,
+        label=card.labels[top],
+        score=float(probs[top]),
+        probabilities={label: float(p) for label, p in zip(card.labels, probs)},
+        orientation={
+            "group": card.group_name,
+            "elements": elements,
+            "responses": {label: [float(r) for r in row] for label, row in zip(card.labels, responses)},
+        },
+        dominant_orientation=card.elements[g].angle,
+        dominant_element=elements[g],
+    )

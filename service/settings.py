@@ -1,0 +1,90 @@
+"""Service settings: one pydantic-settings class read from ``GSA_*`` environment variables.
+
+Nested fields use ``__``: ``GSA_BATCHING__MAX_BATCH_SIZE=16``; per-model batching overrides are
+keyed by model name, as JSON (``GSA_MODEL_BATCHING='{"gsa_tiny": {"max_batch_size": 8}}'``) or
+nested (``GSA_MODEL_BATCHING__GSA_TINY__MAX_QUEUE_DELAY_MS=5``).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["BatchingSettings", "BatchingOverride", "Settings", "get_settings"]
+
+
+class BatchingSettings(BaseModel):
+    """Dynamic batching of one model version."""
+
+    enabled: bool = True  # off: every request runs alone, as sent
+    max_batch_size: int = Field(32, ge=1)  # images merged into one session run
+    max_queue_delay_ms: float = Field(2.0, ge=0)  # longest wait for a batch to fill
+    max_queue_size: int = Field(256, ge=1)  # images waiting; beyond it requests get 429
+    workers: int = Field(1, ge=1)  # session runs in flight at once
+
+    def merged(self, override: "BatchingOverride | None") -> "BatchingSettings":
+        if override is None:
+            return self
+        return self.model_copy(update=override.model_dump(exclude_none=True))
+
+
+class BatchingOverride(BaseModel):
+    """Per-model batching fields; unset ones keep the global value."""
+
+    enabled: bool | None = None
+    max_batch_size: int | None = Field(None, ge=1)
+    max_queue_delay_ms: float | None = Field(None, ge=0)
+    max_queue_size: int | None = Field(None, ge=1)
+    workers: int | None = Field(None, ge=1)
+
+
+class Settings(BaseSettings):
+    """Every knob of the service, each with an explicit default."""
+
+    model_config = SettingsConfigDict(env_prefix="GSA_", env_nested_delimiter="__", extra="ignore")
+
+    # where and how to serve
+    model_dir: Path = Path("models")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    graceful_shutdown_s: float = Field(30.0, ge=0)  # in-flight requests get this long on shutdown
+
+    # ONNX Runtime
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available, else CPU
+    providers: list[str] | None = None  # explicit provider list, overrides ``device``
+    intra_op_threads: int = Field(0, ge=0)  # 0: ONNX Runtime's default (one per core)
+    inter_op_threads: int = Field(0, ge=0)
+    prefer_fp16: bool = False  # use the card's ``fp16_file`` when on a GPU
+    warmup: bool = True  # run every model once per batch size bucket before ready
+
+    # batching
+    batching: BatchingSettings = BatchingSettings()
+    model_batching: dict[str, BatchingOverride] = {}
+    request_timeout_s: float = Field(30.0, gt=0)  # a request queued or computing longer gets 503
+
+    # limits
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1)  # 413 beyond
+    max_images_per_request: int = Field(256, ge=1)  # images (or batch rows) in one request
+    max_image_pixels: int = Field(4096 * 4096, ge=1)  # decoded width x height of one image
+    max_image_side: int = Field(8192, ge=1)  # width or height of one image
+
+    # readiness and logging
+    strict_readiness: bool = False  # True: the server is ready only when every model is
+    log_level: str = "INFO"
+    log_json: bool = True
+    access_log: bool = True
+
+    def batching_for(self, model: str) -> BatchingSettings:
+        # env var keys arrive lower-cased, so model names match case-insensitively
+        overrides = {k.lower(): v for k, v in self.model_batching.items()}
+        return self.batching.merged(overrides.get(model.lower()))
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (tests override the dependency or pass their own)."""
+    return Settings()
