@@ -99,8 +99,9 @@ class OnnxModel:
         self.card = card
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         self.providers: list[str] = list(self.session.get_providers())
-        self.input, self.outputs = self._check_graph()
-        self.output_names = [o.name for o in self.outputs]
+        self.input, outputs = self._check_graph()
+        self.output_names = [o.name for o in outputs]
+        self.outputs = self._check_run(outputs)
 
     @property
     def on_gpu(self) -> bool:
@@ -127,6 +128,24 @@ class OnnxModel:
                 raise GraphError(f"graph output '{name}' has shape {list(shape)}, card implies [N, {', '.join(map(str, tail))}]")
         names = [n for n in (*REQUIRED_OUTPUTS, *OPTIONAL_OUTPUTS) if n in outputs]
         return TensorSpec(INPUT_NAME, "UINT8", expected), [outputs[n] for n in names]
+
+    def _check_run(self, outputs: list[TensorSpec]) -> list[TensorSpec]:
+        """Run one blank image: the concrete output shapes must match the card (a graph may leave
+        the group axis dynamic), and the outputs must be finite. Returns the specs with every
+        non-batch dimension filled in."""
+        card = self.card
+        got = self.run(np.zeros((1, card.height, card.width, card.channels), np.uint8))
+        k, g = card.num_classes, card.group_order
+        want = {"logits": (1, k), "probabilities": (1, k), "orientation_responses": (1, k, g)}
+        for name, shape in want.items():
+            if got[name].shape != shape:
+                raise GraphError(f"graph output '{name}' has shape {list(got[name].shape)} for one image, card implies {list(shape)}")
+        if "features" in got and (got["features"].ndim != 3 or got["features"].shape[2] != g):
+            raise GraphError(f"graph output 'features' has shape {list(got['features'].shape)}, card implies [1, D, {g}]")
+        bad = [name for name, value in got.items() if not np.isfinite(value).all()]
+        if bad:
+            raise GraphError(f"graph outputs {bad} are not finite for a blank image")
+        return [TensorSpec(o.name, o.datatype, (-1, *got[o.name].shape[1:])) for o in outputs]
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """``images`` uint8 ``[N, H, W, C]`` -> every contract output, batch first."""

@@ -93,7 +93,7 @@ async def _read_images(request: Request, settings: Settings) -> list[tuple[str |
     if media_type in IMAGE_MEDIA_TYPES or media_type == "application/octet-stream":
         images = [(None, await request.body())]
     elif media_type == "multipart/form-data":
-        form = await request.form(max_files=limit, max_fields=limit, max_part_size=settings.max_body_bytes)
+        form = await request.form(max_files=limit + 1, max_fields=limit + 1, max_part_size=settings.max_body_bytes)
         images = [(f.filename, await f.read()) for _, f in form.multi_items() if isinstance(f, UploadFile)]
         await form.close()
     elif media_type == "application/json":

@@ -91,10 +91,11 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return _export(tmp_path_factory.mktemp("export"), TINY, "1")
 
 
-def _copy_version(src: Path, dst: Path, name: str, version: str, **card_changes) -> Path:
+def _copy_version(src: Path, dst: Path, name: str, version: str, card_changes: dict | None = None) -> Path:
+    """Copy an exported version under another name/version, with card fields changed."""
     shutil.copytree(src, dst)
     card = json.loads((dst / "card.json").read_text())
-    card.update(name=name, version=version, **card_changes)
+    card.update({"name": name, "version": version, **(card_changes or {})})
     (dst / "card.json").write_text(json.dumps(card))
     return dst
 
@@ -105,7 +106,7 @@ def model_repo(tmp_path_factory, tiny_model_dir) -> Path:
     root = tmp_path_factory.mktemp("models")
     _copy_version(tiny_model_dir, root / TINY / "1", TINY, "1")
     _copy_version(tiny_model_dir, root / TINY / "2", TINY, "2")
-    _copy_version(tiny_model_dir, root / "broken" / "1", "broken", "1", sha256="0" * 64)
+    _copy_version(tiny_model_dir, root / "broken" / "1", "broken", "1", {"sha256": "0" * 64})
     return root
 
 

@@ -1,0 +1,215 @@
+"""The app around the models: settings, request ids and JSON logs, metrics, limits, readiness,
+OpenAPI, graceful shutdown and ``python -m service``."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TINY, LiveServer, make_settings
+from service.settings import Settings, get_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _png(value: int = 0) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((16, 16), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_settings_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("GSA_MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("GSA_PORT", "9123")
+    monkeypatch.setenv("GSA_INTRA_OP_THREADS", "3")
+    monkeypatch.setenv("GSA_BATCHING__MAX_BATCH_SIZE", "8")
+    monkeypatch.setenv("GSA_MODEL_BATCHING", json.dumps({TINY: {"max_queue_delay_ms": 7, "enabled": False}}))
+    monkeypatch.setenv("GSA_MAX_BODY_BYTES", "1000")
+    get_settings.cache_clear()
+    try:
+        s = get_settings()
+        assert s.model_dir == tmp_path and s.port == 9123 and s.intra_op_threads == 3 and s.max_body_bytes == 1000
+        assert s.batching_for("other").max_batch_size == 8 and s.batching_for("other").enabled
+        tiny = s.batching_for(TINY)
+        assert tiny.max_batch_size == 8 and tiny.max_queue_delay_ms == 7 and not tiny.enabled
+        assert get_settings() is s
+    finally:
+        get_settings.cache_clear()
+    with pytest.raises(ValueError):
+        Settings(batching={"max_batch_size": 0})
+
+
+def test_request_id_in_and_out_and_in_the_json_logs(app_client, caplog):
+    c = app_client(access_log=True, log_level="INFO")
+    from service.logs import JsonFormatter
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(JsonFormatter().format(record))
+    logging.getLogger("service").addHandler(handler)
+    try:
+        r = c.get("/v2/health/live", headers={"X-Request-ID": "abc-123"})
+        r404 = c.post("/v1/models/nope/predict", content=_png(), headers={"content-type": "image/png", "X-Request-ID": "zzz-9"})
+    finally:
+        logging.getLogger("service").removeHandler(handler)
+    assert r.headers["x-request-id"] == "abc-123"
+    assert r404.status_code == 404 and r404.headers["x-request-id"] == "zzz-9"
+    lines = [json.loads(line) for line in records]
+    access = [line for line in lines if line["logger"] == "service.access"]
+    assert any(line["request_id"] == "abc-123" and line["status"] == 200 for line in access)
+    assert any(line["request_id"] == "zzz-9" and line["status"] == 404 for line in access)
+    assert any(line["request_id"] == "zzz-9" and "unknown model 'nope'" in line["message"] for line in lines)
+    generated = c.get("/v2/health/live", headers={"X-Request-ID": "bad id with spaces"}).headers["x-request-id"]
+    assert generated != "bad id with spaces" and len(generated) == 32
+
+
+def test_metrics(app_client):
+    c = app_client()
+    assert c.post(f"/v1/models/{TINY}/predict", content=_png(), headers={"content-type": "image/png"}).status_code == 200
+    assert c.post(f"/v1/models/{TINY}/predict", content=b"x", headers={"content-type": "text/plain"}).status_code == 415
+    text = c.get("/metrics").text
+    for line in [
+        f'gsa_inference_requests_total{{model="{TINY}",outcome="success",version="2"}} 1.0',
+        f'gsa_inference_requests_total{{model="{TINY}",outcome="unsupported_media_type",version="2"}} 1.0',
+        'gsa_http_requests_total{method="POST",route="/v1/models/{model_name}/predict",status="200"} 1.0',
+        f'gsa_batch_size_count{{model="{TINY}",version="2"}} 1.0',
+        f'gsa_model_execution_provider_info{{model="{TINY}",provider="CPUExecutionProvider",version="2"}} 1.0',
+        'gsa_model_ready{model="broken",version="1"} 0.0',
+        f'gsa_queue_depth{{model="{TINY}",version="2"}} 0.0',
+    ]:
+        assert line in text, line
+    for name in ("gsa_queue_duration_seconds_count", "gsa_compute_duration_seconds_count", "gsa_http_request_duration_seconds_count"):
+        assert name in text
+
+
+def test_openapi_documents_the_endpoints(app_client):
+    c = app_client()
+    spec = c.get("/openapi.json").json()
+    paths = spec["paths"]
+    for path in ["/v2/health/live", "/v2/health/ready", "/v2", "/v2/models/{model_name}", "/v2/models/{model_name}/infer",
+                 "/v2/models/{model_name}/versions/{version}/infer", "/v2/models/{model_name}/stats",
+                 "/v1/models/{model_name}/predict", "/metrics"]:
+        assert path in paths, path
+    predict = paths["/v1/models/{model_name}/predict"]["post"]
+    assert predict["summary"] and set(predict["requestBody"]["content"]) >= {"image/png", "multipart/form-data", "application/json"}
+    assert c.get("/docs").status_code == 200
+
+
+def test_body_limit_declared_and_streamed(app_client):
+    c = app_client(max_body_bytes=2000)
+    r = c.post(f"/v1/models/{TINY}/predict", content=bytes(5000), headers={"content-type": "image/png"})
+    assert r.status_code == 413 and "5000 bytes" in r.json()["error"]
+
+    def chunks():
+        for _ in range(5):
+            yield bytes(1000)
+
+    r = c.post(f"/v2/models/{TINY}/infer", content=chunks())  # no Content-Length: chunked
+    assert r.status_code == 413 and "over the limit of 2000" in r.json()["error"]
+    assert c.post(f"/v1/models/{TINY}/predict", content=_png(), headers={"content-type": "image/png"}).status_code == 200
+
+
+def test_unknown_routes_and_methods_answer_json(app_client):
+    c = app_client()
+    r = c.get("/v3/nothing")
+    assert r.status_code == 404 and "no such endpoint" in r.json()["error"]
+    r = c.get(f"/v2/models/{TINY}/infer")
+    assert r.status_code == 405 and r.json()["error"]
+
+
+def test_not_ready_while_models_load(model_repo, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.repository import ModelRepository
+
+    gate = threading.Event()
+    real = ModelRepository.load
+
+    def slow_load(self, mv, settings):
+        gate.wait(10)
+        return real(self, mv, settings)
+
+    monkeypatch.setattr(ModelRepository, "load", slow_load)
+    with TestClient(create_app(make_settings(model_repo))) as c:
+        assert c.get("/v2/health/live").status_code == 200
+        r = c.get("/v2/health/ready")
+        assert r.status_code == 400 and "loading" in r.json()["error"]
+        r = c.post(f"/v1/models/{TINY}/predict", content=_png(), headers={"content-type": "image/png"})
+        assert r.status_code == 400 and "LOADING" in r.json()["error"]
+        gate.set()
+        deadline = time.monotonic() + 30
+        while c.get("/v2/health/ready").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(model_repo):
+    server = LiveServer(make_settings(model_repo)).__enter__()
+    try:
+        batcher = server.app.state.server.repository.get(TINY).runtime
+        real = batcher._run
+        batcher._run = lambda images: (time.sleep(0.5), real(images))[1]
+        result = {}
+
+        def call():
+            result["r"] = httpx.post(f"{server.url}/v1/models/{TINY}/predict", content=_png(), headers={"content-type": "image/png"}, timeout=10)
+
+        t = threading.Thread(target=call)
+        t.start()
+        time.sleep(0.15)  # the request is computing
+        server.server.should_exit = True
+        t.join(10)
+        assert result["r"].status_code == 200
+    finally:
+        server.__exit__(None, None, None)
+    assert not server.thread.is_alive()
+    assert server.app.state.server.repository.find(TINY).state.value == "UNLOADED"
+
+
+def test_python_m_service(model_repo):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "GSA_MODEL_DIR": str(model_repo), "GSA_PORT": str(port), "GSA_INTRA_OP_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+            time.sleep(0.1)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/models/{TINY}/predict", content=_png(), headers={"content-type": "image/png"})
+        assert r.status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=30)[0].decode()
+    assert proc.returncode in (0, -signal.SIGTERM), out  # uvicorn re-raises the signal once shut down
+    assert "Application shutdown complete" in out
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert any("ready on" in line["message"] or "loaded on" in line["message"] for line in lines)
+    assert "torch" not in out  # sanity: nothing from the training side was imported
+
+
+def test_service_imports_neither_torch_nor_training():
+    code = "import sys, service.app, service.__main__; bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'training')]; print(bad); sys.exit(1 if bad else 0)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

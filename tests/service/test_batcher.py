@@ -1,0 +1,248 @@
+"""The dynamic batcher: merging, splitting, bounded queue (429), timeouts (503), failures and
+draining on shutdown; unit-level with a stand-in session, then over HTTP with the real model."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import TINY, LiveServer, make_settings
+from service.batcher import DynamicBatcher, InferenceFailed
+from service.errors import Overloaded, PayloadTooLarge, RequestTimeout, Unavailable
+from service.metrics import ServiceMetrics
+from service.settings import BatchingSettings
+from service.stats import ModelStats
+
+
+class FakeSession:
+    """Echoes its input (so that each request can check it got its own rows back), records batch
+    sizes, and takes ``delay_s`` per run."""
+
+    def __init__(self, delay_s: float = 0.0, fail: bool = False):
+        self.delay_s = delay_s
+        self.fail = fail
+        self.batches: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        self.gate.wait(5)
+        self.batches.append(len(images))
+        time.sleep(self.delay_s)
+        if self.fail:
+            raise RuntimeError("boom")
+        return {"echo": images.reshape(len(images), -1)[:, :1].astype(np.float32)}
+
+
+def _batcher(session: FakeSession, **config) -> DynamicBatcher:
+    cfg = BatchingSettings(**{"max_batch_size": 4, "max_queue_delay_ms": 20, "max_queue_size": 64, **config})
+    return DynamicBatcher("m", "1", session, cfg, ModelStats("m", "1"), ServiceMetrics())
+
+
+def _req(value: int, n: int = 1) -> np.ndarray:
+    return np.full((n, 2, 2, 1), value, np.uint8)
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_are_merged_and_routed_back():
+    session = FakeSession(delay_s=0.01)
+
+    async def main():
+        b = _batcher(session)
+        b.start()
+        outs = await asyncio.gather(*(b.infer(_req(i), 5) for i in range(10)))
+        await b.close()
+        return outs
+
+    outs = _run(main())
+    assert [int(o["echo"][0, 0]) for o in outs] == list(range(10))
+    assert sum(session.batches) == 10 and max(session.batches) == 4 and len(session.batches) <= 4
+
+
+def test_batching_off_runs_each_request_alone():
+    session = FakeSession(delay_s=0.005)
+
+    async def main():
+        b = _batcher(session, enabled=False)
+        b.start()
+        await asyncio.gather(*(b.infer(_req(i, n=2), 5) for i in range(5)))
+        await b.close()
+
+    _run(main())
+    assert session.batches == [2] * 5
+
+
+def test_a_large_request_is_split_and_reassembled_in_order():
+    session = FakeSession()
+
+    async def main():
+        b = _batcher(session)
+        b.start()
+        images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1).repeat(2, 1).repeat(2, 2)
+        out = await b.infer(images, 5)
+        await b.close()
+        return out
+
+    out = _run(main())
+    assert out["echo"][:, 0].tolist() == list(range(10))
+    assert sorted(session.batches) == [2, 4, 4]
+
+
+def test_full_queue_answers_overloaded_with_retry_after():
+    session = FakeSession()
+    session.gate.clear()  # the first batch blocks in the session: the queue fills up behind it
+
+    async def main():
+        b = _batcher(session, max_queue_size=3, max_batch_size=1, max_queue_delay_ms=0)
+        b.start()
+        first = asyncio.ensure_future(b.infer(_req(0), 5))
+        await asyncio.sleep(0.05)  # taken by the worker, blocked
+        queued = [asyncio.ensure_future(b.infer(_req(i), 5)) for i in range(3)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded) as err:
+            await b.infer(_req(9), 5)
+        with pytest.raises(PayloadTooLarge):
+            await b.infer(_req(9, n=4), 5)  # could never fit
+        session.gate.set()
+        await asyncio.gather(first, *queued)
+        await b.close()
+        return err.value
+
+    err = _run(main())
+    assert err.status == 429 and int(err.headers["Retry-After"]) >= 1
+
+
+def test_request_waiting_past_its_timeout_is_dropped():
+    session = FakeSession(delay_s=0.3)
+
+    async def main():
+        b = _batcher(session, max_batch_size=1, max_queue_delay_ms=0)
+        b.start()
+        slow = asyncio.ensure_future(b.infer(_req(0), 5))
+        await asyncio.sleep(0.02)
+        with pytest.raises(RequestTimeout):
+            await b.infer(_req(1), 0.05)  # queued behind a 0.3 s run
+        await slow
+        await b.close()
+
+    _run(main())
+    assert session.batches == [1]  # the abandoned request never reached the session
+
+
+def test_session_failure_fails_the_batch_and_the_batcher_goes_on():
+    session = FakeSession(fail=True)
+
+    async def main():
+        b = _batcher(session)
+        b.start()
+        with pytest.raises(InferenceFailed, match="boom"):
+            await b.infer(_req(0), 5)
+        session.fail = False
+        out = await b.infer(_req(7), 5)
+        await b.close()
+        return out
+
+    assert int(_run(main())["echo"][0, 0]) == 7
+
+
+def test_close_finishes_queued_requests_then_refuses_new_ones():
+    session = FakeSession(delay_s=0.02)
+
+    async def main():
+        b = _batcher(session, max_batch_size=2)
+        b.start()
+        pending = [asyncio.ensure_future(b.infer(_req(i), 5)) for i in range(6)]
+        await asyncio.sleep(0)
+        await b.close()
+        assert sum(session.batches) == 6  # every queued request ran before close returned
+        outs = await asyncio.gather(*pending)
+        with pytest.raises(Unavailable):
+            await b.infer(_req(0), 5)
+        return outs
+
+    outs = _run(main())
+    assert [int(o["echo"][0, 0]) for o in outs] == list(range(6))
+
+
+# ---- over HTTP, with the real model -------------------------------------------------------
+def _slow_down(server, seconds: float) -> None:
+    """Make every session run of the default tiny version take ``seconds`` longer."""
+    batcher = server.app.state.server.repository.get(TINY).runtime
+    real = batcher._run
+
+    def slow(images):
+        time.sleep(seconds)
+        return real(images)
+
+    batcher._run = slow
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_http_overload_429_and_timeout_503(model_repo):
+    settings = make_settings(
+        model_repo, request_timeout_s=0.5,
+        batching=BatchingSettings(max_batch_size=1, max_queue_delay_ms=0, max_queue_size=2),
+    )
+    with LiveServer(settings) as server:
+        _slow_down(server, 0.3)
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+                return await asyncio.gather(*(
+                    client.post(f"/v1/models/{TINY}/predict", content=_png(), headers={"content-type": "image/png"})
+                    for _ in range(6)
+                ))
+
+        responses = asyncio.run(burst())
+        codes = sorted(r.status_code for r in responses)
+        assert 200 in codes and 429 in codes and 503 in codes, codes
+        overloaded = next(r for r in responses if r.status_code == 429)
+        assert int(overloaded.headers["retry-after"]) >= 1 and "overloaded" in overloaded.json()["error"]
+        timed_out = next(r for r in responses if r.status_code == 503)
+        assert "timed out" in timed_out.json()["error"]
+        # the server goes on serving
+        r = httpx.post(f"{server.url}/v1/models/{TINY}/predict", content=_png(), headers={"content-type": "image/png"})
+        assert r.status_code == 200
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert f'gsa_inference_requests_total{{model="{TINY}",outcome="overloaded",version="2"}}' in metrics
+        assert f'gsa_inference_requests_total{{model="{TINY}",outcome="timeout",version="2"}}' in metrics
+
+
+def test_http_concurrent_requests_are_batched(model_repo):
+    settings = make_settings(model_repo, batching=BatchingSettings(max_batch_size=8, max_queue_delay_ms=50))
+    with LiveServer(settings) as server:
+        images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 1), dtype=np.uint8)
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+                return await asyncio.gather(*(
+                    client.post(f"/v2/models/{TINY}/infer", json={"inputs": [
+                        {"name": "image", "datatype": "UINT8", "shape": [1, 16, 16, 1], "data": images[i].ravel().tolist()}
+                    ]}) for i in range(8)
+                ))
+
+        responses = asyncio.run(burst())
+        assert all(r.status_code == 200 for r in responses)
+        stats = httpx.get(f"{server.url}/v2/models/{TINY}/versions/2/stats").json()["model_stats"][0]
+        assert stats["inference_count"] == 8 and stats["execution_count"] < 8
+        # each request got its own image's outputs
+        single = httpx.post(f"{server.url}/v2/models/{TINY}/infer", json={"inputs": [
+            {"name": "image", "datatype": "UINT8", "shape": [1, 16, 16, 1], "data": images[5].ravel().tolist()}]}).json()
+        assert responses[5].json()["outputs"][0]["data"] == pytest.approx(single["outputs"][0]["data"], rel=1e-5, abs=1e-5)
