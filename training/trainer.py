@@ -1,0 +1,263 @@
+"""A training loop that knows nothing about the model (minGPT style).
+
+The trainer takes any ``nn.Module`` mapping images ``[B, C, H, W]`` to logits ``[B, K]``, a
+training set, a validation set (never the test set) and a :class:`~training.config.TrainConfig`.
+It owns the optimizer, the per-step learning-rate schedule, mixed precision (bf16 autocast on
+CUDA only), gradient clipping, seeding, checkpoints (latest and best on validation accuracy), a
+JSON-lines metrics log and a progress bar.
+
+Exact resumption: the order of each epoch's batches comes from a DataLoader generator seeded
+with ``(seed, epoch)``, and every other RNG state (python, numpy, torch, CUDA) is saved at the
+end of each epoch and restored on resume, so ``1 epoch + resume 1`` equals ``2 epochs`` bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from training.checkpoint import (
+    CheckpointError,
+    DataMismatchError,
+    capture_rng_state,
+    load_checkpoint,
+    model_metadata,
+    restore_rng_state,
+    save_checkpoint,
+)
+from training.config import OptimConfig, ScheduleConfig, TrainConfig, config_to_dict
+from training.data.common import dataset_fingerprint
+from training.evaluate import evaluate_loader
+
+__all__ = ["Trainer", "seed_everything", "resolve_device", "build_optimizer", "build_scheduler", "lr_lambda"]
+
+logger = logging.getLogger(__name__)
+
+LATEST, BEST, METRICS = "checkpoint_latest.pt", "checkpoint_best.pt", "metrics.jsonl"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when available, else CPU; anything else is passed to :class:`torch.device`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode == "auto" and not torch.cuda.is_bf16_supported():
+        return None
+    return torch.bfloat16
+
+
+def build_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Adam (L2 weight decay, the paper's choice), AdamW (decoupled) or SGD with momentum."""
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.name!r}")
+
+
+def lr_lambda(cfg: ScheduleConfig, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
+    """Learning-rate multiplier of optimizer step ``s`` (0-based) for a schedule config."""
+    total = max(1, steps_per_epoch * epochs)
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    milestones = sorted(m * steps_per_epoch for m in cfg.milestones)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.name == "multistep":
+            return cfg.gamma ** sum(step >= m for m in milestones)
+        if cfg.name == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, steps_per_epoch: int,
+                    epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch, epochs))
+
+
+class Trainer:
+    """Train a model on a training set, validating each epoch on a validation set.
+
+    Args:
+        model: Any module mapping ``[B, C, H, W]`` images in [0, 1] to logits ``[B, K]``; for
+            checkpoints it needs ``.name`` and a dataclass ``.config`` (as registry models have).
+        train_set: Yields ``(image, label)``.
+        val_set: Validation set (never the test set), evaluated after every epoch.
+        config: The run's configuration; ``config.train.out_dir`` receives checkpoints and metrics.
+    """
+
+    def __init__(self, model: nn.Module, train_set: Dataset, val_set: Dataset, config: TrainConfig):
+        self.config = config
+        self.run = config.train
+        self.device = resolve_device(self.run.device)
+        self.amp_dtype = _amp_dtype(self.run.amp, self.device)
+        self.model = model.to(self.device)
+        self.train_set, self.val_set = train_set, val_set
+        self.out_dir = Path(self.run.out_dir)
+        self.fingerprint = dataset_fingerprint(train=train_set, val=val_set)
+        self.loader_generator = torch.Generator()
+        self.train_loader = self._loader(train_set, self.run.batch_size, shuffle=True)
+        self.val_loader = self._loader(val_set, self.run.eval_batch_size, shuffle=False)
+        self.steps_per_epoch = len(self.train_loader)
+        if self.run.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, self.run.max_steps_per_epoch)
+        self.optimizer = build_optimizer(self.model.parameters(), config.optim)
+        self.scheduler = build_scheduler(self.optimizer, config.schedule, self.steps_per_epoch, self.run.epochs)
+        self.epoch = 0
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        workers = self.config.data.num_workers
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+            generator=self.loader_generator if shuffle else torch.Generator().manual_seed(0),
+            pin_memory=self.device.type == "cuda", persistent_workers=False, drop_last=False,
+        )
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        name, model_config = model_metadata(self.model)
+        return {
+            "model_name": name, "model_config": model_config,
+            "model_state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer_state": self.optimizer.state_dict(), "scheduler_state": self.scheduler.state_dict(),
+            "epoch": self.epoch, "global_step": self.global_step, "rng": capture_rng_state(),
+            "history": self.history, "best": self.best, "train_config": config_to_dict(self.config),
+            "data_fingerprint": self.fingerprint,
+        }
+
+    def resume(self, path: str | Path, force: bool = False) -> None:
+        """Restore everything from a checkpoint written by this trainer.
+
+        Raises:
+            CheckpointError: Unreadable checkpoint, or one of a different model.
+            DataMismatchError: The checkpoint was trained on different data (unless ``force``).
+        """
+        ckpt = load_checkpoint(path)
+        name, model_config = model_metadata(self.model)
+        if ckpt["model_name"] != name or ckpt["model_config"] != model_config:
+            raise CheckpointError(path, f"checkpoint holds model {ckpt['model_name']!r} with another config than "
+                                        f"the configured {name!r}; resume with the same model settings")
+        if ckpt.get("data_fingerprint") != self.fingerprint:
+            if not force:
+                raise DataMismatchError(path, "data fingerprint differs from the checkpoint's (different files, "
+                                              "split or seeds); pass force to resume anyway")
+            logger.warning("%s: resuming on data with a different fingerprint (forced)", path)
+        self.model.load_state_dict(ckpt["model_state"])
+        self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        self.scheduler.load_state_dict(ckpt["scheduler_state"])
+        self.epoch, self.global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
+        self.history, self.best = list(ckpt.get("history", [])), ckpt.get("best")
+        restore_rng_state(ckpt["rng"])
+        self._write_metrics_log()
+        logger.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.global_step)
+
+    def _write_metrics_log(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / METRICS, "w") as f:
+            for row in self.history:
+                f.write(json.dumps(row) + "\n")
+
+    def _save(self, record: dict[str, Any]) -> None:
+        improved = self.best is None or record["val_acc"] > self.best["val_acc"]
+        if improved:
+            self.best = {"epoch": record["epoch"], "val_acc": record["val_acc"], "val_loss": record["val_loss"]}
+        state = self.state_dict()
+        save_checkpoint(self.out_dir / LATEST, state)
+        if improved:
+            save_checkpoint(self.out_dir / BEST, state)
+        with open(self.out_dir / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ---- loop --------------------------------------------------------------------------------
+    def _train_epoch(self) -> tuple[float, float, int]:
+        self.model.train()
+        self.loader_generator.manual_seed(self.run.seed * 1_000_003 + self.epoch)
+        total_loss, correct, seen = 0.0, 0, 0
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.run.epochs}",
+                   disable=not self.run.progress, leave=False, dynamic_ncols=True)
+        for i, (x, y) in enumerate(self.train_loader):
+            if i >= self.steps_per_epoch:
+                break
+            loss, n_correct = self._train_step(x, y)
+            total_loss += loss * y.shape[0]
+            correct += n_correct
+            seen += y.shape[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False)
+        bar.close()
+        return total_loss / max(1, seen), correct / max(1, seen), seen
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.run.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.run.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.run.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.global_step += 1
+        return float(loss.detach()), int((logits.detach().argmax(-1) == y).sum())
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train from the current epoch to ``config.train.epochs``; returns the metrics history."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.epoch == 0:
+            self._write_metrics_log()
+        logger.info("training on %s (amp %s), %d train / %d val images, %d steps per epoch",
+                    self.device, self.amp_dtype, len(self.train_set), len(self.val_set), self.steps_per_epoch)
+        while self.epoch < self.run.epochs:
+            start = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]
+            train_loss, train_acc, seen = self._train_epoch()
+            train_time = time.perf_counter() - start
+            val = evaluate_loader(self.model, self.val_loader, self.device, self.amp_dtype)
+            self.epoch += 1
+            record = {
+                "epoch": self.epoch, "step": self.global_step, "lr": lr,
+                "train_loss": train_loss, "train_acc": train_acc,
+                "val_loss": val["loss"], "val_acc": val["accuracy"],
+                "time_s": time.perf_counter() - start, "images_per_s": seen / max(train_time, 1e-9),
+            }
+            self.history.append(record)
+            self._save(record)
+            logger.info("epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f img/s",
+                        self.epoch, train_loss, train_acc, val["loss"], val["accuracy"], record["images_per_s"])
+        return self.history
