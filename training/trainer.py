@@ -236,14 +236,20 @@ class Trainer:
         self.global_step += 1
         return float(loss.detach()), int((logits.detach().argmax(-1) == y).sum())
 
-    def fit(self) -> list[dict[str, Any]]:
-        """Train from the current epoch to ``config.train.epochs``; returns the metrics history."""
+    def fit(self, stop_after: int | None = None) -> list[dict[str, Any]]:
+        """Train from the current epoch to ``config.train.epochs``; returns the metrics history.
+
+        Args:
+            stop_after: Stop once this many epochs are complete (an interruption: the schedule
+                still spans ``config.train.epochs``, and a resumed run finishes it exactly).
+        """
+        last = self.run.epochs if stop_after is None else min(stop_after, self.run.epochs)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.epoch == 0:
             self._write_metrics_log()
         logger.info("training on %s (amp %s), %d train / %d val images, %d steps per epoch",
                     self.device, self.amp_dtype, len(self.train_set), len(self.val_set), self.steps_per_epoch)
-        while self.epoch < self.run.epochs:
+        while self.epoch < last:
             start = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
             train_loss, train_acc, seen = self._train_epoch()

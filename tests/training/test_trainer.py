@@ -1,0 +1,152 @@
+"""Trainer: exact resumption, data fingerprints, schedules, optimizers, metrics log."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from training.checkpoint import DataMismatchError, load_checkpoint
+from training.config import ScheduleConfig, config_from_dict
+from training.data.common import TensorImageDataset
+from training.networks import create_model
+from training.trainer import LATEST, METRICS, Trainer, build_optimizer, lr_lambda, seed_everything
+
+DROPOUT = {"attn_drop": 0.1, "value_drop": 0.1}  # dropout makes the RNG state matter on resume
+
+
+def _synthetic(n: int, seed: int) -> TensorImageDataset:
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 1, 16, 16, generator=gen)
+    labels = torch.randint(0, 10, (n,), generator=gen)
+    return TensorImageDataset(images, labels)
+
+
+def _config(out_dir, epochs: int = 2, schedule: str = "cosine", optim: str = "adam"):
+    return config_from_dict({
+        "model": {"name": "gsa_tiny_r4", "overrides": DROPOUT},
+        "optim": {"name": optim, "lr": 1e-2, "weight_decay": 1e-4},
+        "schedule": {"name": schedule, "warmup_epochs": 0.5, "milestones": [1]},
+        "train": {"epochs": epochs, "batch_size": 8, "eval_batch_size": 16, "seed": 0, "device": "cpu",
+                  "out_dir": str(out_dir), "progress": False, "grad_clip": 1.0, "label_smoothing": 0.1},
+    })
+
+
+def _trainer(out_dir, train_set, val_set, seed: int = 0, **kw) -> Trainer:
+    seed_everything(seed)
+    model = create_model("gsa_tiny_r4", **DROPOUT)
+    return Trainer(model, train_set, val_set, _config(out_dir, **kw))
+
+
+@pytest.fixture(scope="module")
+def data():
+    return _synthetic(32, seed=1), _synthetic(8, seed=2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    trainer = _trainer(tmp_path_factory.mktemp("full"), *data)
+    trainer.fit()
+    return trainer
+
+
+def _assert_same_state(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{what} {key} differs"
+
+
+def test_resume_gives_exactly_the_uninterrupted_weights(data, uninterrupted, tmp_path):
+    first = _trainer(tmp_path, *data)
+    first.fit(stop_after=1)
+    assert first.epoch == 1
+    resumed = _trainer(tmp_path, *data, seed=123)  # other init and RNG: all must come from the checkpoint
+    resumed.resume(tmp_path / LATEST)
+    resumed.fit()
+    assert resumed.epoch == uninterrupted.epoch == 2
+    assert resumed.global_step == uninterrupted.global_step == 8
+    _assert_same_state(resumed.model.state_dict(), uninterrupted.model.state_dict(), "weight")
+    opt_a, opt_b = resumed.optimizer.state_dict()["state"], uninterrupted.optimizer.state_dict()["state"]
+    for idx in opt_b:
+        _assert_same_state(opt_a[idx], opt_b[idx], f"optimizer state of param {idx}")
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in uninterrupted.history]
+    lines = (tmp_path / METRICS).read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_uninterrupted_training_changes_weights_and_logs(uninterrupted):
+    fresh = create_model("gsa_tiny_r4", **DROPOUT)
+    changed = [k for k, v in uninterrupted.model.state_dict().items() if not torch.equal(v, fresh.state_dict()[k])]
+    assert changed, "training left every weight at its initial value"
+    rows = [json.loads(line) for line in (uninterrupted.out_dir / METRICS).read_text().splitlines()]
+    expected = {"epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "time_s", "images_per_s"}
+    assert len(rows) == 2 and all(expected <= set(row) for row in rows)
+    assert rows[1]["step"] == 8 and rows[0]["images_per_s"] > 0
+
+
+def test_checkpoint_contents(uninterrupted):
+    ckpt = load_checkpoint(uninterrupted.out_dir / LATEST)
+    assert ckpt["model_name"] == "gsa_tiny_r4"
+    assert ckpt["model_config"]["attn_drop"] == 0.1
+    assert ckpt["epoch"] == 2 and ckpt["global_step"] == 8
+    assert len(ckpt["data_fingerprint"]) == 64
+    assert {"optimizer_state", "scheduler_state", "rng", "history", "train_config", "best"} <= set(ckpt)
+    assert (uninterrupted.out_dir / "checkpoint_best.pt").is_file()
+
+
+def test_resume_refuses_other_data_unless_forced(data, uninterrupted, tmp_path):
+    other_val = _synthetic(8, seed=3)
+    trainer = _trainer(tmp_path, data[0], other_val)
+    with pytest.raises(DataMismatchError, match="fingerprint"):
+        trainer.resume(uninterrupted.out_dir / LATEST)
+    trainer.resume(uninterrupted.out_dir / LATEST, force=True)
+    assert trainer.epoch == 2
+
+
+def test_fingerprint_tracks_the_data(data, tmp_path):
+    a = _trainer(tmp_path, *data).fingerprint
+    assert a == _trainer(tmp_path, *data).fingerprint
+    assert a != _trainer(tmp_path, data[1], data[0]).fingerprint  # train and val swapped
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_optimizers(name, data, tmp_path):
+    trainer = _trainer(tmp_path, *data, epochs=1, optim=name)
+    assert type(trainer.optimizer).__name__.lower() == name
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.fit()
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
+
+
+def test_optimizer_hyperparameters():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    cfg = config_from_dict({"optim": {"name": "sgd", "lr": 0.5, "momentum": 0.8, "weight_decay": 0.01}}).optim
+    group = build_optimizer(params, cfg).param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.5, 0.8, 0.01)
+
+
+def test_warmup_cosine_schedule():
+    factor = lr_lambda(ScheduleConfig(name="cosine", warmup_epochs=1, min_lr_ratio=0.1), steps_per_epoch=10, epochs=5)
+    assert [factor(s) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+    assert factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0)
+    assert factor(30) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert factor(50) == pytest.approx(0.1)
+    values = [factor(s) for s in range(10, 50)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_multistep_and_constant_schedules():
+    multi = lr_lambda(ScheduleConfig(name="multistep", milestones=(2, 4), gamma=0.1), steps_per_epoch=5, epochs=6)
+    assert [multi(s) for s in (0, 9, 10, 19, 20, 29)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    const = lr_lambda(ScheduleConfig(name="constant"), steps_per_epoch=5, epochs=6)
+    assert {const(s) for s in range(30)} == {1.0}
+
+
+def test_scheduler_steps_per_optimizer_step(data, tmp_path):
+    trainer = _trainer(tmp_path, *data, epochs=1, schedule="cosine")
+    trainer.fit()
+    assert trainer.scheduler.last_epoch == trainer.global_step == 4
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * lr_lambda(trainer.config.schedule, 4, 1)(4))
