@@ -64,6 +64,9 @@ class DynamicBatcher:
         run: the session call, ``[N, H, W, C]`` uint8 -> outputs with batch first (run in a thread).
         config: batching settings of this model.
         stats, metrics: where timings go.
+        in_flight: requests in the whole server now (HTTP requests being handled). When every
+            one of them is already in this batch or running, nobody can join the batch, so it runs
+            at once instead of waiting out ``max_queue_delay_ms`` (a lone client pays no delay).
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class DynamicBatcher:
         config: BatchingSettings,
         stats: ModelStats,
         metrics: ServiceMetrics,
+        in_flight: Callable[[], int] | None = None,
     ):
         self.name, self.version = name, version
         self.config = config
@@ -88,6 +92,8 @@ class DynamicBatcher:
         self._task: asyncio.Task | None = None
         self._closing = False
         self._seconds_per_image = 0.0  # moving average, for Retry-After
+        self._in_flight = in_flight
+        self._running = 0  # requests (queue items) in batches being computed
         labels = dict(model=name, version=version)
         self._m_queue = metrics.queue_duration.labels(**labels)
         self._m_compute = metrics.compute_duration.labels(**labels)
@@ -209,7 +215,7 @@ class DynamicBatcher:
                         size += nxt.n
                         continue
                     wait = flush_at - time.perf_counter()
-                    if wait <= 0 or self._closing:
+                    if wait <= 0 or self._closing or self._alone(len(batch)):
                         break
                     self._wakeup.clear()
                     try:
@@ -217,9 +223,14 @@ class DynamicBatcher:
                     except asyncio.TimeoutError:
                         break
             self._m_depth.set(self._pending)
+            self._running += len(batch)
             task = asyncio.get_running_loop().create_task(self._execute(batch))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
+
+    def _alone(self, batched: int) -> bool:
+        """Whether no request outside this batch and the running ones is in the server."""
+        return self._in_flight is not None and self._in_flight() <= batched + self._running
 
     async def _execute(self, batch: list[_Item]) -> None:
         try:
@@ -241,6 +252,7 @@ class DynamicBatcher:
                 if not it.future.done():
                     it.future.set_result(out)
         finally:
+            self._running -= len(batch)
             self._slots.release()
 
     def _compute(self, parts: list[np.ndarray]) -> list[Outputs]:

@@ -13,11 +13,12 @@ from service.settings import Settings
 __all__ = ["get_server", "SettingsDep", "ServerDep", "served_model"]
 
 
-def get_server(request: Request) -> ModelServer:
+# async: FastAPI would run plain functions in its thread pool, a thread hop per request.
+async def get_server(request: Request) -> ModelServer:
     return request.app.state.server
 
 
-def app_settings(request: Request) -> Settings:
+async def app_settings(request: Request) -> Settings:
     """The settings the app was made with (``get_settings()`` unless a test passed its own)."""
     return request.app.state.settings
 

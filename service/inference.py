@@ -80,6 +80,8 @@ class OnnxModel:
         providers: execution providers to ask for, best first.
         intra_op_threads: threads inside one operator (0: ONNX Runtime's default).
         inter_op_threads: threads across operators (0: default).
+        allow_spinning: whether idle intra-op threads spin-wait for work (ONNX Runtime's default)
+            or sleep, leaving the cores to the HTTP server.
     """
 
     def __init__(
@@ -89,10 +91,12 @@ class OnnxModel:
         providers: list[str],
         intra_op_threads: int = 0,
         inter_op_threads: int = 0,
+        allow_spinning: bool = True,
     ):
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: ORT's warnings go to stderr, not our JSON logs
         self.path = path

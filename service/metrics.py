@@ -42,6 +42,8 @@ class ServiceMetrics:
         )
         self.queue_depth = Gauge("gsa_queue_depth", "Images waiting in the batch queue", ("model", "version"), registry=r)
         self.model_ready = Gauge("gsa_model_ready", "1 when the model version is served", ("model", "version"), registry=r)
+        self.http_in_flight = Gauge("gsa_http_requests_in_flight", "HTTP requests being handled", registry=r)
+        self.in_flight = 0  # the same number as a plain int: the batchers read it on every batch
         self.provider_info = Gauge(
             "gsa_model_execution_provider_info", "Execution provider a model version runs on (1 for the primary one)",
             ("model", "version", "provider"), registry=r,

@@ -40,6 +40,8 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = rid
         status = 500
         t0 = time.perf_counter()
+        self.metrics.in_flight += 1
+        self.metrics.http_in_flight.inc()
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -52,6 +54,8 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            self.metrics.in_flight -= 1
+            self.metrics.http_in_flight.dec()
             elapsed = time.perf_counter() - t0
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"

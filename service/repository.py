@@ -103,7 +103,9 @@ class ModelRepository:
             mv.card = self._read_card(mv)
             graph = self._graph_path(mv, settings)
             providers = choose_providers(settings.device, settings.providers, _available_providers())
-            mv.model = OnnxModel(graph, mv.card, providers, settings.intra_op_threads, settings.inter_op_threads)
+            mv.model = OnnxModel(
+                graph, mv.card, providers, settings.intra_op_threads, settings.inter_op_threads, settings.allow_spinning
+            )
             if gpu_requested(settings.device, settings.providers) and not mv.model.on_gpu:
                 log.warning("a GPU was asked for but %s/%s runs on %s", mv.name, mv.version, mv.model.providers)
             elif settings.device == "auto" and "CUDAExecutionProvider" in providers and not mv.model.on_gpu:

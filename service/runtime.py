@@ -55,7 +55,8 @@ class ModelServer:
         assert mv.model is not None
         stats = self.stats[(mv.name, mv.version)] = ModelStats(mv.name, mv.version)
         batcher = DynamicBatcher(
-            mv.name, mv.version, mv.model.run, self.settings.batching_for(mv.name), stats, self.metrics
+            mv.name, mv.version, mv.model.run, self.settings.batching_for(mv.name), stats, self.metrics,
+            in_flight=lambda: self.metrics.in_flight,
         )
         batcher.start()
         mv.runtime = batcher

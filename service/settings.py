@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     providers: list[str] | None = None  # explicit provider list, overrides ``device``
     intra_op_threads: int = Field(0, ge=0)  # 0: ONNX Runtime's default (one per core)
     inter_op_threads: int = Field(0, ge=0)
+    allow_spinning: bool = True  # ORT's idle worker threads spin; off leaves the CPU to the event loop
     prefer_fp16: bool = False  # use the card's ``fp16_file`` when on a GPU
     warmup: bool = True  # run every model once per batch size bucket before ready
 

@@ -39,9 +39,9 @@ class FakeSession:
         return {"echo": images.reshape(len(images), -1)[:, :1].astype(np.float32)}
 
 
-def _batcher(session: FakeSession, **config) -> DynamicBatcher:
+def _batcher(session: FakeSession, in_flight=None, **config) -> DynamicBatcher:
     cfg = BatchingSettings(**{"max_batch_size": 4, "max_queue_delay_ms": 20, "max_queue_size": 64, **config})
-    return DynamicBatcher("m", "1", session, cfg, ModelStats("m", "1"), ServiceMetrics())
+    return DynamicBatcher("m", "1", session, cfg, ModelStats("m", "1"), ServiceMetrics(), in_flight)
 
 
 def _req(value: int, n: int = 1) -> np.ndarray:
@@ -65,6 +65,25 @@ def test_concurrent_requests_are_merged_and_routed_back():
     outs = _run(main())
     assert [int(o["echo"][0, 0]) for o in outs] == list(range(10))
     assert sum(session.batches) == 10 and max(session.batches) == 4 and len(session.batches) <= 4
+
+
+@pytest.mark.parametrize("others", [0, 1])
+def test_a_lone_request_does_not_wait_for_company(others):
+    """With nobody else in the server the batch runs at once; with one more request in flight
+    (still being parsed, say) it waits up to the queue delay for it."""
+    session = FakeSession()
+
+    async def main():
+        b = _batcher(session, in_flight=lambda: 1 + others, max_queue_delay_ms=300)
+        b.start()
+        t0 = time.perf_counter()
+        await b.infer(_req(0), 5)
+        elapsed = time.perf_counter() - t0
+        await b.close()
+        return elapsed
+
+    elapsed = _run(main())
+    assert (elapsed < 0.15) if others == 0 else (0.29 < elapsed < 1.0), elapsed
 
 
 def test_batching_off_runs_each_request_alone():
