@@ -75,10 +75,11 @@ def seeded_split(n: int, val_size: int, seed: int, split: str) -> np.ndarray:
 
 
 class TensorImageDataset(Dataset):
-    """Images held in memory as one float tensor ``[N, C, H, W]`` in [0, 1] with int labels.
+    """Images held in memory as one tensor ``[N, C, H, W]`` with int labels.
 
     Args:
-        images: Float tensor ``[N, C, H, W]`` with values in [0, 1].
+        images: Float tensor ``[N, C, H, W]`` with values in [0, 1], or uint8 (kept as uint8 to
+            save memory, scaled by 1/255 per item).
         labels: Integer tensor ``[N]``.
         identity: What the data is (files, split, seeds); content-hashed when omitted.
         class_names: Optional names of the classes.
@@ -93,7 +94,7 @@ class TensorImageDataset(Dataset):
     ):
         if images.dim() != 4 or images.shape[0] != labels.shape[0]:
             raise ValueError(f"expected images [N, C, H, W] and labels [N], got {tuple(images.shape)} and {tuple(labels.shape)}")
-        self.images = images.float().contiguous()
+        self.images = (images if images.dtype == torch.uint8 else images.float()).contiguous()
         self.labels = labels.long().contiguous()
         self.class_names = tuple(class_names)
         self._identity = identity
@@ -102,7 +103,10 @@ class TensorImageDataset(Dataset):
         return self.images.shape[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index], int(self.labels[index])
+        image = self.images[index]
+        if image.dtype == torch.uint8:
+            image = image.float().div_(255.0)
+        return image, int(self.labels[index])
 
     def identity(self) -> dict[str, Any]:
         if self._identity is not None:
