@@ -19,6 +19,7 @@ import dataclasses
 import os
 import random
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if path.stat().st_size == 0:
         raise CheckpointError(path, "file is empty")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # protocol notices on foreign files: we report below
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # unpickling, zip and storage errors all mean the same thing here
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(path, f"not a readable checkpoint (corrupt or truncated?): {type(exc).__name__}: {reason}") from None

@@ -1,0 +1,182 @@
+"""Configs (YAML, overrides, validation), rotated evaluation, and the CLI end to end on tiny data."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from training.checkpoint import load_checkpoint
+from training.cli import main
+from training.config import ConfigError, config_to_dict, load_config
+from training.data.common import TensorImageDataset
+from training.evaluate import evaluate_rotations
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ---- configs ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("group", ["r4", "r8", "z2"])
+def test_shipped_rotmnist_configs_are_valid(group):
+    config = load_config(REPO / "configs" / f"rotmnist_{group}.yaml")
+    assert config.model.name == f"gsa_rotmnist_{group}"
+    assert config.model.overrides == {"attn_drop": 0.1, "value_drop": 0.1}
+    assert config.data.root.endswith("mnist-train-10k.npz") and config.data.val_split == "val"
+    assert (config.optim.name, config.optim.weight_decay) == ("adam", 1e-4)
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_overrides_and_coercions(tmp_path):
+    path = _write(tmp_path, "optim:\n  lr: 1e-3\nschedule:\n  name: multistep\n")
+    config = load_config(path, ["train.batch_size=64", "schedule.milestones=[30, 60]",
+                                "model.overrides.attn_drop=0.2", "train.grad_clip=1"])
+    assert config.optim.lr == 1e-3 and isinstance(config.optim.lr, float)  # YAML reads "1e-3" as a string
+    assert config.train.batch_size == 64 and config.schedule.milestones == (30, 60)
+    assert config.model.overrides == {"attn_drop": 0.2} and config.train.grad_clip == 1.0
+    assert load_config(None, []).train.epochs == 10
+    assert config_to_dict(config)["schedule"]["milestones"] == [30, 60]
+
+
+@pytest.mark.parametrize(
+    "text, overrides, match",
+    [
+        ("trian:\n  epochs: 3\n", [], r"unknown keys \['trian'\]"),
+        ("train:\n  bach_size: 3\n", [], r"unknown keys \['train.bach_size'\]"),
+        ("train:\n  batch_size: big\n", [], r"train.batch_size: expected int, got str 'big'"),
+        ("train:\n  epochs: 1.5\n", [], "train.epochs: expected int"),
+        ("train:\n  progress: 1\n", [], "train.progress: expected bool"),
+        ("schedule:\n  milestones: 5\n", [], "schedule.milestones: expected a list"),
+        ("optim:\n  betas: [0.9]\n", [], "optim.betas: expected 2 items"),
+        ("optim:\n  name: rmsprop\n", [], "optim.name must be one of"),
+        ("train: 5\n", [], "section train. must be a mapping"),
+        ("- a\n- b\n", [], "top level must be a mapping"),
+        ("train: [unclosed\n", [], "invalid YAML"),
+        ("", ["train.epochs=0"], "train.epochs must be >= 1"),
+        ("", ["data.val_split=test"], "must not be the test set"),
+        ("", ["model.overrides.atn_drop=0.1"], r"unknown model.overrides \['atn_drop'\]"),
+        ("", ["model.overrides.attn_drop=high"], "model.overrides.attn_drop: expected float"),
+        ("", ["model.name=gsa_nonexistent"], "unknown model 'gsa_nonexistent'"),
+        ("", ["train.epochs"], "expected key=value"),
+        ("", ["train.epochs.x=1"], "train.epochs: expected int, got dict"),
+        ("train:\n  epochs: 3\n", ["train.epochs.x=1"], "epochs is not a section"),
+    ],
+)
+def test_bad_configs_are_clear_errors(tmp_path, text, overrides, match):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError, match=match) as info:
+        load_config(path, overrides)
+    assert str(path) in str(info.value) or "--set" in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "absent.yaml")
+
+
+# ---- rotated evaluation ----------------------------------------------------------------------
+class CornerModel(nn.Module):
+    """Class c = which corner (top-left, top-right, bottom-right, bottom-left) is lit: not invariant."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([x[:, 0, 0, 0], x[:, 0, 0, -1], x[:, 0, -1, -1], x[:, 0, -1, 0]], -1)
+
+
+def test_evaluate_rotations_rotates_the_inputs():
+    images = torch.zeros(8, 1, 5, 5)
+    labels = torch.arange(8) % 4
+    corners = [(0, 0), (0, 4), (4, 4), (4, 0)]
+    for i, c in enumerate(labels.tolist()):
+        images[i, 0, corners[c][0], corners[c][1]] = 1.0
+    loader = DataLoader(TensorImageDataset(images, labels), batch_size=3)
+    report = evaluate_rotations(CornerModel(), loader, 4, torch.device("cpu"), angles=[0, 90, 180], progress=False)
+    assert report["accuracy"] == 1.0 and report["count"] == 8
+    assert report["per_class_accuracy"] == {"0": 1.0, "1": 1.0, "2": 1.0, "3": 1.0}
+    assert report["rot90"]["0"] == {"accuracy": 1.0, "agreement_with_unrotated": 1.0}
+    assert all(report["rot90"][str(a)]["accuracy"] == 0.0 for a in (90, 180, 270))
+    assert [r["accuracy"] for r in report["rotations"]] == [1.0, 0.0, 0.0]
+
+
+# ---- the CLI end to end ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One epoch of gsa_tiny_r4 on 32 random 16x16 'digits' through ``gsa train``."""
+    root = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(0)
+    npz = root / "tiny.npz"
+    np.savez(npz, images=rng.integers(0, 256, (32, 16, 16), dtype=np.uint8), labels=rng.integers(0, 10, 32))
+    config = REPO / "configs" / "rotmnist_r4.yaml"
+    base = [f"--config={config}", "--set", "model.name=gsa_tiny_r4", "--set", f"data.root={npz}",
+            "--set", "data.options.val_size=8", "--set", "train.batch_size=8", "--set", "train.progress=false",
+            "--set", f"train.out_dir={root / 'run'}", "--set", "train.device=cpu"]
+    assert main(["train", *base, "--set", "train.epochs=1"]) == 0
+    return root, npz, base
+
+
+def test_cli_train_writes_checkpoints_and_log(tiny_run):
+    root, _, _ = tiny_run
+    run = root / "run"
+    assert {"checkpoint_latest.pt", "checkpoint_best.pt", "metrics.jsonl", "config.yaml"} <= {p.name for p in run.iterdir()}
+    ckpt = load_checkpoint(run / "checkpoint_latest.pt")
+    assert ckpt["model_name"] == "gsa_tiny_r4" and ckpt["epoch"] == 1
+    assert load_config(run / "config.yaml").model.name == "gsa_tiny_r4"
+
+
+def test_cli_resume_continues(tiny_run):
+    root, _, base = tiny_run
+    latest = root / "run" / "checkpoint_latest.pt"
+    assert main(["train", *base, "--set", "train.epochs=2", "--resume", str(latest)]) == 0
+    assert load_checkpoint(latest)["epoch"] == 2
+    lines = (root / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_cli_evaluate_reports_rotations(tiny_run, capsys):
+    root, npz, _ = tiny_run
+    out = root / "eval.json"
+    code = main(["evaluate", "--checkpoint", str(root / "run" / "checkpoint_best.pt"), "--data", str(npz),
+                 "--split", "val", "--angle-step", "45", "--output", str(out), "--no-progress"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == report
+    assert report["count"] == 8 and report["model"] == "gsa_tiny_r4"
+    assert set(report["rot90"]) == {"0", "90", "180", "270"}
+    assert [r["degrees"] for r in report["rotations"]] == [0, 45, 90, 135, 180, 225, 270, 315]
+    # gsa_tiny_r4 is invariant to quarter turns: the exact rotations must not change a prediction
+    assert all(v["agreement_with_unrotated"] == 1.0 for v in report["rot90"].values())
+    assert len(report["per_class_accuracy"]) == 10
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["train", "--set", "train.bach_size=8"], "unknown keys"),
+        (["train", "--set", "data.root=/nonexistent/mnist.npz"], "/nonexistent/mnist.npz"),
+        (["evaluate", "--checkpoint", "/nonexistent.pt", "--data", "x"], "/nonexistent.pt: no such file"),
+    ],
+)
+def test_cli_errors_exit_2_with_a_message(argv, match, caplog):
+    with caplog.at_level(logging.ERROR):
+        assert main(argv) == 2
+    assert any(re.search(match, r.getMessage()) for r in caplog.records)
+
+
+def test_cli_refuses_resume_on_other_data(tiny_run, tmp_path, caplog):
+    root, _, base = tiny_run
+    latest = root / "run" / "checkpoint_latest.pt"
+    argv = ["train", *base, "--set", "data.options.split_seed=1", "--set", f"train.out_dir={tmp_path}",
+            "--resume", str(latest)]
+    with caplog.at_level(logging.ERROR):
+        assert main(argv) == 2
+    assert any("fingerprint" in r.getMessage() for r in caplog.records)
