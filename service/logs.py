@@ -46,9 +46,13 @@ def configure_logging(level: str = "INFO", json_lines: bool = True) -> None:
     """Route the service's and uvicorn's loggers through one stderr handler."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else _TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler._gsa_serve = True  # type: ignore[attr-defined]  # ours: replaced when configured again
     for name in ("service", "uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)
-        logger.handlers[:] = [handler]
+        others = [h for h in logger.handlers if not getattr(h, "_gsa_serve", False)]
+        if name != "service":
+            others = []  # uvicorn's own handlers would print every line twice
+        logger.handlers[:] = [*others, handler]
         logger.setLevel(level.upper())
         logger.propagate = False
     # the service writes its own access log (with request ids); uvicorn's would duplicate it

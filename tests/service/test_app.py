@@ -77,6 +77,38 @@ def test_request_id_in_and_out_and_in_the_json_logs(app_client, caplog):
     assert generated != "bad id with spaces" and len(generated) == 32
 
 
+@pytest.fixture
+def service_logs():
+    """Records of the ``service`` loggers (they do not propagate to the root, so not caplog)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    logging.getLogger("service").addHandler(handler)
+    yield records
+    logging.getLogger("service").removeHandler(handler)
+
+
+def test_gpu_asked_for_but_not_in_use_warns(app_client, service_logs):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("a GPU is available here")
+    c = app_client(device="cuda")
+    meta = c.get(f"/v2/models/{TINY}").json()
+    assert meta["state"] == "READY" and meta["execution_providers"] == ["CPUExecutionProvider"]
+    warnings = [r.getMessage() for r in service_logs if r.levelno == logging.WARNING]
+    assert any("GPU was asked for" in w and TINY in w for w in warnings), warnings
+
+
+def test_per_model_batching_settings(app_client):
+    from service.settings import BatchingOverride
+
+    c = app_client(model_batching={TINY: BatchingOverride(enabled=False, max_queue_size=5)})
+    batcher = c.app.state.server.repository.get(TINY).runtime
+    assert not batcher.config.enabled and batcher.config.max_queue_size == 5
+    assert batcher.config.max_batch_size == 16  # the global value, not overridden
+
+
 def test_metrics(app_client):
     c = app_client()
     assert c.post(f"/v1/models/{TINY}/predict", content=_png(), headers={"content-type": "image/png"}).status_code == 200
