@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         name, folder, card = find_model(args.model_dir, None)
     shape = (card["input"]["height"], card["input"]["width"], card["input"]["channels"])
     images = np.random.default_rng(0).integers(0, 256, (32, *shape), dtype=np.uint8)
-    print(f"model {name}/{folder.name}, input {shape}, {os.cpu_count()} CPUs, max batch {args.max_batch_size}, "
+    print(f"model {name}/{folder.name}, input {shape}, {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.2f}), max batch {args.max_batch_size}, "
           f"delay {args.delay_ms} ms, at most {args.requests} requests or {args.seconds:g} s per level")
 
     raw_session = RawSession(folder / "model.onnx", images, args.threads)
@@ -305,6 +305,14 @@ def main(argv: list[str] | None = None) -> None:
     raw1, rawb = raw_session.throughput(1, 2.0), raw_session.throughput(args.max_batch_size, 2.0)
     print(f"  raw session batch {args.max_batch_size} / batch 1 = {rawb['images_per_s'] / raw1['images_per_s']:.2f}x "
           f"(CPU ms/img {raw1['cpu_ms']:.2f} -> {rawb['cpu_ms']:.2f}): what batching can gain on this hardware")
+    print("CPU cost per image at concurrency 16 (insensitive to other load on the machine; the client's own CPU "
+          "is not counted):")
+    for endpoint in endpoints:
+        on, off = results.get((endpoint, True, 16)), results.get((endpoint, False, 16))
+        if on:
+            print(f"  {endpoint}: raw session / service with batching = {rawb['cpu_ms'] / on['cpu_ms']:.0%}"
+                  + (f"; batching off / on = {off['cpu_ms'] / on['cpu_ms']:.2f}x" if off else ""))
+    print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if tmp is not None:
         tmp.cleanup()
 

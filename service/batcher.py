@@ -111,12 +111,22 @@ class DynamicBatcher:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}-{self.version}")
+        self._task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # a bug, not a bad request: nothing would serve this model any more, so say so loudly
+            log.error("batcher of %s/%s stopped", self.name, self.version, exc_info=task.exception())
+            self._closing = True
+            for item in self._queue:
+                if not item.future.done():
+                    item.future.set_exception(InferenceFailed(f"the batcher of model '{self.name}' stopped"))
 
     async def close(self) -> None:
         """Stop taking requests, finish the queued and running ones, free the threads."""
         self._closing = True
         self._wakeup.set()
-        if self._task is not None:
+        if self._task is not None and not self._task.done():
             await self._task
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)

@@ -19,7 +19,7 @@ from typing import Any
 import onnxruntime as ort
 
 from service.card import CardError, ModelCard
-from service.errors import ModelNotReady, NotFound
+from service.errors import ModelNotReady, NotFound, Unavailable
 from service.inference import OnnxModel, choose_providers, gpu_requested
 from service.settings import Settings
 
@@ -153,8 +153,11 @@ class ModelRepository:
 
     # ---- lookup -------------------------------------------------------------------------
     def get(self, name: str, version: str | None = None) -> ModelVersion:
-        """The version to serve: raises NotFound for unknown names, ModelNotReady for broken ones."""
+        """The version to serve: raises NotFound for unknown names, Unavailable (503) while it loads,
+        ModelNotReady (400) when it failed or was unloaded."""
         mv = self.find(name, version)
+        if mv.state is ModelState.LOADING:  # transient: come back shortly
+            raise Unavailable(f"model '{name}' version '{mv.version}' is not ready yet (LOADING)", {"Retry-After": "1"})
         if not mv.ready:
             detail = f": {mv.reason}" if mv.reason else ""
             raise ModelNotReady(f"model '{name}' version '{mv.version}' is not ready ({mv.state.value}{detail})")

@@ -182,7 +182,7 @@ def test_not_ready_while_models_load(model_repo, monkeypatch):
         r = c.get("/v2/health/ready")
         assert r.status_code == 400 and "loading" in r.json()["error"]
         r = c.post(f"/v1/models/{TINY}/predict", content=_png(), headers={"content-type": "image/png"})
-        assert r.status_code == 400 and "LOADING" in r.json()["error"]
+        assert r.status_code == 503 and "LOADING" in r.json()["error"] and r.headers["retry-after"] == "1"
         gate.set()
         deadline = time.monotonic() + 30
         while c.get("/v2/health/ready").status_code != 200:
