@@ -32,6 +32,12 @@ def test_shipped_rotmnist_configs_are_valid(group):
     assert (config.optim.name, config.optim.weight_decay) == ("adam", 1e-4)
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    config = load_config(path)
+    assert config.data.val_split != "test" and config.train.out_dir.startswith("runs/")
+
+
 def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "run.yaml"
     path.write_text(text)

@@ -24,13 +24,14 @@ def _synthetic(n: int, seed: int) -> TensorImageDataset:
     return TensorImageDataset(images, labels)
 
 
-def _config(out_dir, epochs: int = 2, schedule: str = "cosine", optim: str = "adam"):
+def _config(out_dir, epochs: int = 2, schedule: str = "cosine", optim: str = "adam", max_steps: int | None = None):
     return config_from_dict({
         "model": {"name": "gsa_tiny_r4", "overrides": DROPOUT},
         "optim": {"name": optim, "lr": 1e-2, "weight_decay": 1e-4},
         "schedule": {"name": schedule, "warmup_epochs": 0.5, "milestones": [1]},
         "train": {"epochs": epochs, "batch_size": 8, "eval_batch_size": 16, "seed": 0, "device": "cpu",
-                  "out_dir": str(out_dir), "progress": False, "grad_clip": 1.0, "label_smoothing": 0.1},
+                  "out_dir": str(out_dir), "progress": False, "grad_clip": 1.0, "label_smoothing": 0.1,
+                  "max_steps_per_epoch": max_steps},
     })
 
 
@@ -42,7 +43,7 @@ def _trainer(out_dir, train_set, val_set, seed: int = 0, **kw) -> Trainer:
 
 @pytest.fixture(scope="module")
 def data():
-    return _synthetic(32, seed=1), _synthetic(8, seed=2)
+    return _synthetic(16, seed=1), _synthetic(8, seed=2)  # 2 steps per epoch
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def test_resume_gives_exactly_the_uninterrupted_weights(data, uninterrupted, tmp
     resumed.resume(tmp_path / LATEST)
     resumed.fit()
     assert resumed.epoch == uninterrupted.epoch == 2
-    assert resumed.global_step == uninterrupted.global_step == 8
+    assert resumed.global_step == uninterrupted.global_step == 4
     _assert_same_state(resumed.model.state_dict(), uninterrupted.model.state_dict(), "weight")
     opt_a, opt_b = resumed.optimizer.state_dict()["state"], uninterrupted.optimizer.state_dict()["state"]
     for idx in opt_b:
@@ -83,14 +84,14 @@ def test_uninterrupted_training_changes_weights_and_logs(uninterrupted):
     rows = [json.loads(line) for line in (uninterrupted.out_dir / METRICS).read_text().splitlines()]
     expected = {"epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "time_s", "images_per_s"}
     assert len(rows) == 2 and all(expected <= set(row) for row in rows)
-    assert rows[1]["step"] == 8 and rows[0]["images_per_s"] > 0
+    assert rows[1]["step"] == 4 and rows[0]["images_per_s"] > 0
 
 
 def test_checkpoint_contents(uninterrupted):
     ckpt = load_checkpoint(uninterrupted.out_dir / LATEST)
     assert ckpt["model_name"] == "gsa_tiny_r4"
     assert ckpt["model_config"]["attn_drop"] == 0.1
-    assert ckpt["epoch"] == 2 and ckpt["global_step"] == 8
+    assert ckpt["epoch"] == 2 and ckpt["global_step"] == 4
     assert len(ckpt["data_fingerprint"]) == 64
     assert {"optimizer_state", "scheduler_state", "rng", "history", "train_config", "best"} <= set(ckpt)
     assert (uninterrupted.out_dir / "checkpoint_best.pt").is_file()
@@ -113,7 +114,7 @@ def test_fingerprint_tracks_the_data(data, tmp_path):
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
 def test_optimizers(name, data, tmp_path):
-    trainer = _trainer(tmp_path, *data, epochs=1, optim=name)
+    trainer = _trainer(tmp_path, *data, epochs=1, optim=name, max_steps=1)
     assert type(trainer.optimizer).__name__.lower() == name
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.fit()
@@ -146,7 +147,9 @@ def test_multistep_and_constant_schedules():
 
 
 def test_scheduler_steps_per_optimizer_step(data, tmp_path):
-    trainer = _trainer(tmp_path, *data, epochs=1, schedule="cosine")
+    trainer = _trainer(tmp_path, *data, epochs=2, schedule="cosine", max_steps=1)
     trainer.fit()
-    assert trainer.scheduler.last_epoch == trainer.global_step == 4
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * lr_lambda(trainer.config.schedule, 4, 1)(4))
+    assert trainer.steps_per_epoch == 1
+    assert trainer.scheduler.last_epoch == trainer.global_step == 2
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * lr_lambda(trainer.config.schedule, 1, 2)(2))
+    assert trainer.history[1]["lr"] == pytest.approx(1e-2 * lr_lambda(trainer.config.schedule, 1, 2)(1))
