@@ -63,8 +63,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast: automatic on CUDA devices that support it; on CPU only when asked."""
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return None
+    if device.type != "cuda":
+        logger.warning("bf16 autocast on %s was asked for; it is only automatic on CUDA", device)
     if mode == "auto" and not torch.cuda.is_bf16_supported():
         return None
     return torch.bfloat16
@@ -161,6 +164,9 @@ class Trainer:
 
     def resume(self, path: str | Path, force: bool = False) -> None:
         """Restore everything from a checkpoint written by this trainer.
+
+        The schedule follows the current config: resuming with more ``train.epochs`` stretches it
+        from the step reached (the run is then no longer the same as an uninterrupted one).
 
         Raises:
             CheckpointError: Unreadable checkpoint, or one of a different model.
