@@ -225,14 +225,74 @@ async def load(port: int, payloads: list[bytes], concurrency: int, requests: int
     }
 
 
+# ---- runs ------------------------------------------------------------------------------------
+def _row(label: str, mode: str, c: int | str, r: dict) -> str:
+    lat = f"{r['p50']:>8.2f} {r['p95']:>8.2f} {r['p99']:>8.2f}" if "p50" in r else f"{'':>8} {'':>8} {'':>8}"
+    return (f"{label:<8} {mode:<8} {c:>5} {r.get('requests', ''):>8} {r.get('errors', ''):>6} "
+            f"{r['images_per_s']:>9.1f} {lat} {r['cpu_ms']:>12.2f}")
+
+
+def run_levels(args, name: str, images: np.ndarray, raw_session: RawSession, servers: dict, endpoints: list[str],
+               levels: list[int]) -> tuple[dict, dict]:
+    """Every (endpoint, concurrency, batching) level, then paired rounds at concurrency 16."""
+    builders = {"infer": infer_request, "predict": predict_request}
+    results: dict[tuple[str, bool, int], dict] = {}
+    paired: dict[str, list[dict]] = {}
+    print(f"\n{'':<8} {'batching':<8} {'conc':>5} {'requests':>8} {'errors':>6} {'images/s':>9} "
+          f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'CPU ms/img':>12}")
+    for b in (1, args.max_batch_size):
+        print(_row("raw", "session", f"b{b}", raw_session.throughput(b, 2.0)))
+    for endpoint in endpoints:
+        payloads = [builders[endpoint](name, img) for img in images]
+        for port, proc in servers.values():
+            asyncio.run(load(port, payloads, 4, 50, 2.0, proc.pid))  # warm the server's code paths
+        for c in levels:
+            for batching, (port, proc) in servers.items():
+                r = results[(endpoint, batching, c)] = asyncio.run(load(port, payloads, c, args.requests, args.seconds, proc.pid))
+                print(_row(endpoint, "on" if batching else "off", c, r), flush=True)
+        rounds = paired[endpoint] = []
+        for _ in range(args.rounds):
+            one = {"raw": raw_session.throughput(args.max_batch_size, args.round_seconds)["images_per_s"]}
+            for batching, (port, proc) in servers.items():
+                one[batching] = asyncio.run(load(port, payloads, 16, 10**9, args.round_seconds, proc.pid))["images_per_s"]
+            rounds.append(one)
+    for b in (1, args.max_batch_size):
+        print(_row("raw", "session", f"b{b}", raw_session.throughput(b, 2.0)))
+    return results, paired
+
+
+def summarize(args, raw_session: RawSession, results: dict, paired: dict, endpoints: list[str]) -> None:
+    print(f"\nconcurrency 16, {args.rounds} rounds alternating the raw session (batch {args.max_batch_size}) and the "
+          f"service, {args.round_seconds:g} s each; medians:")
+    for endpoint in endpoints:
+        rounds = paired[endpoint]
+        if True in rounds[0]:
+            ratio = float(np.median([r[True] / r["raw"] for r in rounds]))
+            print(f"  {endpoint}: service with batching = {ratio:.0%} of the raw session (goal >= 80%)")
+        if True in rounds[0] and False in rounds[0]:
+            speedup = float(np.median([r[True] / r[False] for r in rounds]))
+            print(f"  {endpoint}: batching on / off = {speedup:.2f}x (goal >= 3x)")
+    raw1, rawb = raw_session.throughput(1, 2.0), raw_session.throughput(args.max_batch_size, 2.0)
+    print(f"  raw session batch {args.max_batch_size} / batch 1 = {rawb['images_per_s'] / raw1['images_per_s']:.2f}x "
+          f"(CPU ms/img {raw1['cpu_ms']:.2f} -> {rawb['cpu_ms']:.2f}): the most batching can gain on this hardware")
+    print("CPU cost per image at concurrency 16 (insensitive to other load on the machine; the client's CPU is not "
+          "counted):")
+    for endpoint in endpoints:
+        on, off = results.get((endpoint, True, 16)), results.get((endpoint, False, 16))
+        if on:
+            print(f"  {endpoint}: raw session / service with batching = {rawb['cpu_ms'] / on['cpu_ms']:.0%}"
+                  + (f"; batching off / on = {off['cpu_ms'] / on['cpu_ms']:.2f}x" if off else ""))
+    print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
 # ---- main ------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models")
     parser.add_argument("--model", default=None)
     parser.add_argument("--concurrency", default="1,4,16,64")
-    parser.add_argument("--requests", type=int, default=600, help="at most this many requests per level")
-    parser.add_argument("--seconds", type=float, default=6.0, help="at most this long per level")
+    parser.add_argument("--requests", type=int, default=400, help="at most this many requests per level")
+    parser.add_argument("--seconds", type=float, default=4.0, help="at most this long per level")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--delay-ms", type=float, default=2.0)
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: default)")
@@ -258,61 +318,20 @@ def main(argv: list[str] | None = None) -> None:
           f"delay {args.delay_ms} ms, at most {args.requests} requests or {args.seconds:g} s per level")
 
     raw_session = RawSession(folder / "model.onnx", images, args.threads)
-    batches = (1, args.max_batch_size)
-    builders = {"infer": infer_request, "predict": predict_request}
+    modes = [mode == "on" for mode in args.batching.split(",")]
     endpoints = args.endpoints.split(",")
-    results: dict[tuple[str, bool, int], dict] = {}
-    paired: dict[tuple[str, bool], list[tuple[float, float]]] = {}
-    print(f"\n{'':<8} {'batching':<8} {'conc':>4} {'requests':>8} {'errors':>6} {'images/s':>9} "
-          f"{'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'server CPU ms/img':>18}")
-    for batching in [mode == "on" for mode in args.batching.split(",")]:
-        for b in batches:
-            r = raw_session.throughput(b, 2.0)
-            print(f"{'raw':<8} {'batch':<8} {b:>4} {'':>8} {'':>6} {r['images_per_s']:>9.1f} {'':>8} {'':>8} {'':>8} "
-                  f"{r['cpu_ms']:>18.2f}")
-        port = free_port()
-        proc = start_server(args.model_dir, port, batching, args)
-        try:
-            for endpoint in endpoints:
-                payloads = [builders[endpoint](name, img) for img in images]
-                asyncio.run(load(port, payloads, 4, 50, 2.0, proc.pid))  # warm the server's code paths
-                for c in levels:
-                    r = asyncio.run(load(port, payloads, c, args.requests, args.seconds, proc.pid))
-                    results[(endpoint, batching, c)] = r
-                    print(f"{endpoint:<8} {'on' if batching else 'off':<8} {c:>4} {r['requests']:>8} {r['errors']:>6} "
-                          f"{r['images_per_s']:>9.1f} {r['p50']:>8.2f} {r['p95']:>8.2f} {r['p99']:>8.2f} "
-                          f"{r['cpu_ms']:>18.2f}", flush=True)
-                # paired rounds at concurrency 16, alternating with the raw session, so that the
-                # ratios see the same background load (this machine may be shared)
-                pairs = paired[(endpoint, batching)] = []
-                for _ in range(args.rounds):
-                    raw_r = raw_session.throughput(args.max_batch_size, args.round_seconds)
-                    srv = asyncio.run(load(port, payloads, 16, 10**9, args.round_seconds, proc.pid))
-                    pairs.append((srv["images_per_s"], raw_r["images_per_s"]))
-        finally:
+    servers: dict[bool, tuple[int, subprocess.Popen]] = {}
+    try:
+        # both servers run side by side and are measured alternately, level by level, so that
+        # drifts in the background load of a shared machine hit both alike
+        for batching in modes:
+            port = free_port()
+            servers[batching] = (port, start_server(args.model_dir, port, batching, args))
+        results, paired = run_levels(args, name, images, raw_session, servers, endpoints, levels)
+    finally:
+        for _, proc in servers.values():
             stop_server(proc)
-
-    print(f"\nconcurrency 16, {args.rounds} rounds alternating service and raw session (batch {args.max_batch_size}), "
-          f"{args.round_seconds:g} s each; medians:")
-    for endpoint in endpoints:
-        on, off = paired.get((endpoint, True)), paired.get((endpoint, False))
-        if on:
-            ratio = float(np.median([s_ / r_ for s_, r_ in on]))
-            print(f"  {endpoint}: service with batching = {ratio:.0%} of the raw session (goal >= 80%)")
-        if on and off:
-            speedup = float(np.median([a[0] / a[1] * b[1] / b[0] for a, b in zip(on, off)]))
-            print(f"  {endpoint}: batching on / off = {speedup:.2f}x (goal >= 3x), each normalised by its own raw rounds")
-    raw1, rawb = raw_session.throughput(1, 2.0), raw_session.throughput(args.max_batch_size, 2.0)
-    print(f"  raw session batch {args.max_batch_size} / batch 1 = {rawb['images_per_s'] / raw1['images_per_s']:.2f}x "
-          f"(CPU ms/img {raw1['cpu_ms']:.2f} -> {rawb['cpu_ms']:.2f}): what batching can gain on this hardware")
-    print("CPU cost per image at concurrency 16 (insensitive to other load on the machine; the client's own CPU "
-          "is not counted):")
-    for endpoint in endpoints:
-        on, off = results.get((endpoint, True, 16)), results.get((endpoint, False, 16))
-        if on:
-            print(f"  {endpoint}: raw session / service with batching = {rawb['cpu_ms'] / on['cpu_ms']:.0%}"
-                  + (f"; batching off / on = {off['cpu_ms'] / on['cpu_ms']:.2f}x" if off else ""))
-    print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    summarize(args, raw_session, results, paired, endpoints)
     if tmp is not None:
         tmp.cleanup()
 
