@@ -4,21 +4,19 @@ Axes: B batch, C channels, G group size, H W spatial, X query positions (the cro
 P window offsets, J = P * G' keys per query, nh heads, d head dim.
 
 Memory is bounded by computing the attention for a chunk of query positions at a time (all
-of the batch, heads and group elements); under autograd each chunk is recomputed in the backward
-pass (activation checkpointing) so that no score tensor outlives its chunk. ``chunk_elements``
+of the batch, heads and group elements); the backward pass recomputes each chunk's scores
+(:mod:`training.attention_kernels`), so no score tensor outlives its chunk. ``chunk_elements``
 bounds the number of scores a chunk holds.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
+from training.attention_kernels import window_attention
 from training.groups import Group
 from training.windows import neighbour_index, resolve_window_shape, window_offsets
 
@@ -154,7 +152,7 @@ class WindowedAttention(nn.Module):
 
     def attend(
         self,
-        chunk_fn: Callable[..., torch.Tensor],
+        form: str,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
@@ -163,7 +161,7 @@ class WindowedAttention(nn.Module):
         width: int,
         scores_per_query: int,
     ) -> torch.Tensor:
-        """Run ``chunk_fn`` over chunks of query positions and merge heads.
+        """Chunked attention (see :mod:`training.attention_kernels`), heads merged.
 
         Returns:
             ``[B, X, G_out, nh d]``.
@@ -171,20 +169,6 @@ class WindowedAttention(nn.Module):
         b, nh, x_total = q.shape[:3]
         index, bias, _, row_outside = self.geometry(height, width, q.device)
         n = self.chunk_queries or max(1, self.chunk_elements // max(1, b * nh * scores_per_query))
-        use_ckpt = torch.is_grad_enabled() and (q.requires_grad or table.requires_grad)
-        outs = []
-        for start in range(0, x_total, n):
-            stop = min(start + n, x_total)
-            idx = index[start:stop].reshape(-1)  # n P
-            kwin = k.index_select(2, idx)  # B, nh, n P, G', d
-            vwin = v.index_select(2, idx)  # B, nh, n P, G', d
-            kwin = kwin.view(b, nh, stop - start, -1, k.shape[-1])  # B, nh, n, J, d
-            vwin = vwin.view(b, nh, stop - start, -1, v.shape[-1])  # B, nh, n, J, d
-            bias_c = bias[start:stop] if bias is not None and any(row_outside[start:stop]) else None
-            qc = q[:, :, start:stop]  # B, nh, n, G, d
-            if use_ckpt:
-                outs.append(checkpoint(chunk_fn, qc, kwin, vwin, table, bias_c, self.attn_drop, use_reentrant=False))
-            else:
-                outs.append(chunk_fn(qc, kwin, vwin, table, bias_c, self.attn_drop))
-        out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # B, nh, X, G, d
+        p_drop = self.attn_drop.p if self.training else 0.0
+        out = window_attention(form, q, k, v, table, index, bias, row_outside, n, p_drop)  # B, nh, X, G, d
         return out.permute(0, 2, 3, 1, 4).reshape(b, x_total, out.shape[3], nh * out.shape[-1])  # B, X, G, nh d

@@ -17,7 +17,6 @@ positions, P window offsets, J = P G' keys per query, nh heads, d head dim.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from training.attention_base import DEFAULT_CHUNK_ELEMENTS, WindowedAttention
 from training.encoding import GroupPositionalEncoding
@@ -26,46 +25,6 @@ from training.groups import Group
 __all__ = ["GroupSelfAttention", "FORMS"]
 
 FORMS = ("paper", "aligned")
-
-
-def _content(q: torch.Tensor, kwin: torch.Tensor, bias: torch.Tensor | None, p: int) -> torch.Tensor:
-    """``q(x, h~) . k(y, h')`` with keys outside the image masked: ``[B, nh, n, G~, J]``."""
-    content = q @ kwin.transpose(-1, -2)  # B, nh, n, G~, J
-    if bias is not None:
-        b, nh, n, g, j = content.shape
-        content = (content.view(b, nh, n, g, p, j // p) + bias.view(n, 1, p, 1)).view(b, nh, n, g, j)
-    return content
-
-
-def _paper_chunk(q, kwin, vwin, table, bias, drop: nn.Module) -> torch.Tensor:
-    """Paper form for a chunk of n queries.
-
-    Args:
-        q: ``[B, nh, n, G~, d]``; kwin, vwin: ``[B, nh, n, J, d]``; table: ``[d, G J]`` ordered
-            ``(h, p, h')``; bias: ``[n, P]`` or None; drop: attention dropout.
-
-    Returns:
-        ``[B, nh, n, G, d]``.
-    """
-    b, nh, n, g, d = q.shape
-    j = kwin.shape[3]
-    p = bias.shape[-1] if bias is not None else j // g
-    pos = (q.reshape(-1, d) @ table).view(b, nh, n, g, g, j)  # B, nh, n, h~, h, J
-    pos += _content(q, kwin, bias, p).unsqueeze(4)  # + B, nh, n, h~, 1, J
-    attn = drop(torch.softmax(pos, dim=-1))  # B, nh, n, h~, h, J
-    attn = attn.sum(dim=3)  # B, nh, n, h, J   (sum over query orientations first)
-    return attn @ vwin  # B, nh, n, h, d
-
-
-def _aligned_chunk(q, kwin, vwin, table, bias, drop: nn.Module) -> torch.Tensor:
-    """Aligned form (h~ = h) for a chunk; ``table`` is ``[G, d, J]``. Returns ``[B, nh, n, G, d]``."""
-    b, nh, n, g, d = q.shape
-    j = kwin.shape[3]
-    p = bias.shape[-1] if bias is not None else j // g
-    qg = q.permute(3, 0, 1, 2, 4).reshape(g, -1, d)  # G, B nh n, d
-    pos = torch.bmm(qg, table).view(g, b, nh, n, j).permute(1, 2, 3, 0, 4)  # B, nh, n, h, J
-    attn = drop(torch.softmax(pos + _content(q, kwin, bias, p), dim=-1))  # B, nh, n, h, J
-    return attn @ vwin  # B, nh, n, h, d
 
 
 class GroupSelfAttention(WindowedAttention):
@@ -124,9 +83,7 @@ class GroupSelfAttention(WindowedAttention):
         q, k, v = self.project(x)  # q: B, nh, X, G, d; k, v: B, nh, HpWp, G, d
         table = self.encoding_table()
         j = self.num_offsets * g
-        if self.form == "paper":
-            out = self.attend(_paper_chunk, q, k, v, table, h, w, scores_per_query=g * g * j)
-        else:
-            out = self.attend(_aligned_chunk, q, k, v, table, h, w, scores_per_query=g * j)
+        per_query = g * g * j if self.form == "paper" else g * j
+        out = self.attend(self.form, q, k, v, table, h, w, scores_per_query=per_query)
         hc, wc = h - 2 * self.crop, w - 2 * self.crop
         return self.proj(out).view(b, hc, wc, g, self.out_dim)  # B, H', W', G, C_out

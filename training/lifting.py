@@ -9,40 +9,12 @@ nh heads, d head dim.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from training.attention_base import DEFAULT_CHUNK_ELEMENTS, WindowedAttention
 from training.encoding import LiftingPositionalEncoding
 from training.groups import Group
 
 __all__ = ["LiftingSelfAttention"]
-
-
-def _lifting_chunk(
-    q: torch.Tensor,
-    kwin: torch.Tensor,
-    vwin: torch.Tensor,
-    table: torch.Tensor,
-    bias: torch.Tensor | None,
-    drop: nn.Module,
-) -> torch.Tensor:
-    """Attention for a chunk of n queries.
-
-    Args:
-        q: ``[B, nh, n, 1, d]``; kwin, vwin: ``[B, nh, n, P, d]``; table: ``[d, G P]``;
-            bias: ``[n, P]`` (0 inside, -inf outside the image) or None; drop: attention dropout.
-
-    Returns:
-        ``[B, nh, n, G, d]``.
-    """
-    b, nh, n, _, d = q.shape
-    p = kwin.shape[3]
-    pos = (q.reshape(-1, d) @ table).view(b, nh, n, -1, p)  # B, nh, n, G, P
-    content = q @ kwin.transpose(-1, -2)  # B, nh, n, 1, P
-    if bias is not None:
-        content = content + bias.unsqueeze(1)  # + [n, 1, P]
-    attn = drop(torch.softmax(pos + content, dim=-1))  # B, nh, n, G, P
-    return attn @ vwin  # B, nh, n, G, d
 
 
 class LiftingSelfAttention(WindowedAttention):
@@ -85,6 +57,7 @@ class LiftingSelfAttention(WindowedAttention):
         q, k, v = self.project(x.unsqueeze(3))  # q: B, nh, X, 1, d; k, v: B, nh, HpWp, 1, d
         g = self.group.order
         table = self.encoding_table()
-        out = self.attend(_lifting_chunk, q, k, v, table, h, w, scores_per_query=g * self.num_offsets)  # B, X, G, nh d
+        # The lifting layer is the paper kernel with a single query orientation (Gq = 1).
+        out = self.attend("paper", q, k, v, table, h, w, scores_per_query=g * self.num_offsets)  # B, X, G, nh d
         hc, wc = h - 2 * self.crop, w - 2 * self.crop
         return self.proj(out).view(b, hc, wc, g, self.out_dim)  # B, H', W', G, C_out
