@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
@@ -19,7 +20,7 @@ from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from service.images import IMAGE_MEDIA_TYPES, ImageLimits, decode_image, to_model_input
 from service.repository import ModelVersion
 from service.runtime import ModelServer
-from service.schemas import Base64Images, ErrorResponse, ImagePrediction, PredictResponse
+from service.schemas import Base64Images, ErrorResponse, PredictResponse
 from service.settings import Settings
 
 router = APIRouter(prefix="/v1/models/{model_name}", tags=["images"])
@@ -35,6 +36,7 @@ _DOC = {
         "application/json": {"schema": Base64Images.model_json_schema()},
     }}},
 }
+_DECODE_INLINE_BYTES = 256 * 1024  # larger uploads are decoded in a thread, off the event loop
 ResizeQuery = Query(False, description="resize images of another size to the model's input (bilinear)")
 ConvertQuery = Query(False, description="convert RGB to greyscale for greyscale models")
 
@@ -43,7 +45,7 @@ ConvertQuery = Query(False, description="convert RGB to greyscale for greyscale 
 async def predict(
     model_name: str, request: Request, server: ServerDep, settings: SettingsDep,
     resize: bool = ResizeQuery, convert: bool = ConvertQuery,
-) -> PredictResponse:
+) -> JSONResponse:
     """Classify one or many images with the model's default version."""
     mv = served_model(request, server, model_name, None)
     return await _predict(request, server, settings, mv, resize, convert)
@@ -53,7 +55,7 @@ async def predict(
 async def predict_version(
     model_name: str, version: str, request: Request, server: ServerDep, settings: SettingsDep,
     resize: bool = ResizeQuery, convert: bool = ConvertQuery,
-) -> PredictResponse:
+) -> JSONResponse:
     """Classify one or many images with one model version."""
     mv = served_model(request, server, model_name, version)
     return await _predict(request, server, settings, mv, resize, convert)
@@ -61,7 +63,7 @@ async def predict_version(
 
 async def _predict(
     request: Request, server: ModelServer, settings: Settings, mv: ModelVersion, resize: bool, convert: bool
-) -> PredictResponse:
+) -> JSONResponse:
     card = mv.card
     assert card is not None
     uploads = await _read_images(request, settings)
@@ -73,13 +75,17 @@ async def _predict(
             for what, data in ((_describe(i, name), data) for i, (name, data) in enumerate(uploads))
         ])
 
-    images = await asyncio.to_thread(prepare)
+    if sum(len(data) for _, data in uploads) > _DECODE_INLINE_BYTES:
+        images = await asyncio.to_thread(prepare)
+    else:
+        images = prepare()  # small images decode faster than a hop to a thread
     outputs = await server.infer(mv, images)
     server.metrics.inference_requests.labels(mv.name, mv.version, "success").inc()
-    return PredictResponse(
-        model_name=mv.name, model_version=mv.version,
-        predictions=[_prediction(i, name, card, outputs) for i, (name, _) in enumerate(uploads)],
-    )
+    # built as plain JSON: the response model documents it, re-validating every number would only cost time
+    return JSONResponse({
+        "model_name": mv.name, "model_version": mv.version,
+        "predictions": [_prediction(i, name, card, outputs) for i, (name, _) in enumerate(uploads)],
+    })
 
 
 def _describe(index: int, name: str | None) -> str:
@@ -132,23 +138,24 @@ def _base64_images(body: bytes) -> list[tuple[str | None, bytes]]:
     return out
 
 
-def _prediction(i: int, name: str | None, card: ModelCard, outputs: dict[str, np.ndarray]) -> ImagePrediction:
-    probs = outputs["probabilities"][i]
+def _prediction(i: int, name: str | None, card: ModelCard, outputs: dict[str, np.ndarray]) -> dict:
+    """One image's answer, shaped as :class:`ImagePrediction`."""
+    probs = outputs["probabilities"][i].tolist()
     responses = outputs["orientation_responses"][i]  # K, G
     top = int(np.argmax(probs))
     g = int(np.argmax(responses[top]))
     elements = [e.as_dict() for e in card.elements]
-    return ImagePrediction(
-        index=i,
-        filename=name,
-        label=card.labels[top],
-        score=float(probs[top]),
-        probabilities={label: float(p) for label, p in zip(card.labels, probs)},
-        orientation={
+    return {
+        "index": i,
+        "filename": name,
+        "label": card.labels[top],
+        "score": probs[top],
+        "probabilities": dict(zip(card.labels, probs)),
+        "orientation": {
             "group": card.group_name,
             "elements": elements,
-            "responses": {label: [float(r) for r in row] for label, row in zip(card.labels, responses)},
+            "responses": dict(zip(card.labels, responses.tolist())),
         },
-        dominant_orientation=card.elements[g].angle,
-        dominant_element=elements[g],
-    )
+        "dominant_orientation": card.elements[g].angle,
+        "dominant_element": elements[g],
+    }

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import TINY
+from service.schemas import PredictResponse
 
 
 def _encode(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -58,6 +59,7 @@ def test_raw_body_each_format(client, fmt, media_type):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model_name"] == TINY and body["model_version"] == "2" and len(body["predictions"]) == 1
+    PredictResponse.model_validate(body)  # the documented schema
     _check_prediction(body["predictions"][0])
 
 
