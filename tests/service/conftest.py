@@ -84,7 +84,8 @@ def _export(out_dir: Path, name: str, version: str) -> Path:
     from training.networks import create_model
 
     torch.manual_seed(0)
-    result = export_model(create_model("gsa_tiny_r4").eval(), out_dir, name, version)
+    result = export_model(create_model("gsa_tiny_r4").eval(), out_dir, name, version, features=True,
+                          command="tests/service/conftest.py")
     folder = out_dir / name / version
     if not (folder / "model.onnx").is_file() and isinstance(result, (str, Path)):
         produced = Path(result).parent if Path(result).is_file() else Path(result)
