@@ -275,7 +275,7 @@ def summarize(args, raw_session: RawSession, results: dict, paired: dict, endpoi
     raw1, rawb = raw_session.throughput(1, 2.0), raw_session.throughput(args.max_batch_size, 2.0)
     print(f"  raw session batch {args.max_batch_size} / batch 1 = {rawb['images_per_s'] / raw1['images_per_s']:.2f}x "
           f"(CPU ms/img {raw1['cpu_ms']:.2f} -> {rawb['cpu_ms']:.2f}): the most batching can gain on this hardware")
-    print("CPU cost per image at concurrency 16 (insensitive to other load on the machine; the client's CPU is not "
+    print("CPU cost per image at concurrency 16 (less sensitive to other load than images/s; the client's CPU is not "
           "counted):")
     for endpoint in endpoints:
         on, off = results.get((endpoint, True, 16)), results.get((endpoint, False, 16))
