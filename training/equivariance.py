@@ -10,7 +10,13 @@ import torch
 
 from training.groups import Group
 
-__all__ = ["act_on_spatial", "act_on_group_signal", "relative_error"]
+__all__ = [
+    "act_on_spatial",
+    "act_on_group_signal",
+    "relative_error",
+    "layer_equivariance_error",
+    "network_equivariance_errors",
+]
 
 
 def act_on_spatial(x: torch.Tensor, group: Group, element: int, dims: tuple[int, int]) -> torch.Tensor:
@@ -40,3 +46,32 @@ def act_on_group_signal(
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """``max |a - b| / max |b|``: the relative error used by every equivariance test."""
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def layer_equivariance_error(layer, x, group, lifting: bool) -> float:
+    """Largest relative error of ``layer(T_g x)`` against ``L_g layer(x)`` over the grid-exact elements.
+
+    ``x`` is channels-last: ``[B, H, W, C]`` (lifting) or ``[B, H, W, G, C]``.
+    """
+    with torch.no_grad():
+        y = layer(x)
+        worst = 0.0
+        for e in group.grid_exact_elements():
+            xt = act_on_spatial(x, group, e, (1, 2)) if lifting else act_on_group_signal(x, group, e, (1, 2), 3)
+            expected = act_on_group_signal(y, group, e, (1, 2), 3)
+            worst = max(worst, relative_error(layer(xt), expected))
+    return worst
+
+
+def network_equivariance_errors(model, x) -> tuple[float, float]:
+    """(responses error, logits error) over the grid-exact elements for images ``[B, C, H, W]``."""
+    group = model.group
+    with torch.no_grad():
+        out = model.forward_all(x)
+        worst_r = worst_l = 0.0
+        for e in group.grid_exact_elements():
+            o = model.forward_all(act_on_spatial(x, group, e, (2, 3)))
+            perm = group.left_regular_permutation(e)
+            worst_r = max(worst_r, relative_error(o["orientation_responses"], out["orientation_responses"][:, :, perm]))
+            worst_l = max(worst_l, relative_error(o["logits"], out["logits"]))
+    return worst_r, worst_l

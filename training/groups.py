@@ -94,8 +94,9 @@ class Group:
         rot = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
         if m:
             rot = rot @ torch.tensor([[1.0, 0.0], [0.0, -1.0]], dtype=torch.float64)
-        # Snap the grid-exact entries so that 90 degree rotations are exact in float.
-        return torch.where(rot.abs() < 1e-12, torch.zeros_like(rot), rot).round(decimals=12)
+        # Snap entries within rounding of 0 or +-1 so that quarter turns and mirrors are exact.
+        snapped = rot.round()
+        return torch.where((rot - snapped).abs() < 1e-12, snapped, rot)
 
     def act_on_points(self, i: int, points: torch.Tensor) -> torch.Tensor:
         """Apply element ``i`` to points ``[..., 2]`` given as ``(u, v)``."""

@@ -1,0 +1,229 @@
+"""Speed and memory of the GSA-Net layers against a straightforward implementation of the same maths.
+
+Prints, for the RotMNIST R4 net (paper form and aligned form) and for a straightforward
+implementation written here (unfold plus one broadcast einsum over all indices, the positional
+MLP evaluated every forward, attention computed at every position and then cropped, as the
+paper's public code does): training images/s (forward + backward + Adam step) at batch 8 and 64,
+inference images/s at batch 64, and peak memory; outputs of all three compared first. Then one
+training step at the paper's batch size for every configuration of the paper (time, peak memory).
+
+Every measurement runs in a fresh subprocess; peak memory is the process's peak resident set
+above its resident set just before the first forward (model, optimizer and inputs already
+built). Ratios are meaningful within one run on one machine; absolute figures drift with load.
+
+    python benchmarks/bench_layers.py                  # everything (tens of minutes on 2 cores)
+    python benchmarks/bench_layers.py --part compare   # R4 net vs straightforward only
+    python benchmarks/bench_layers.py --part configs --configs gsa_pcam_r8 gsa_cifar10_r4m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Paper configurations: RotMNIST with every group; CIFAR-10 and PCam with the groups the paper
+# trained them with (plus R8 on PCam, the case whose scores no longer fit straightforwardly).
+PAPER_CONFIGS = [f"gsa_rotmnist_{g}" for g in ("z2", "z2m", "r4", "r8", "r12", "r16", "r4m")] + [
+    "gsa_cifar10_z2", "gsa_cifar10_z2m", "gsa_cifar10_r4", "gsa_cifar10_r4m",
+    "gsa_pcam_z2", "gsa_pcam_z2m", "gsa_pcam_r4", "gsa_pcam_r4m", "gsa_pcam_r8",
+]
+PAPER_BATCH = {"rotmnist": 8, "cifar10": 24, "pcam": 16}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---- the straightforward implementation --------------------------------------------------------
+def naive_attention_forward(layer, x, lifting: bool):
+    """Same maths as the layer, written the direct way: all positions, unfold, one einsum."""
+    import torch
+    import torch.nn.functional as F
+
+    if lifting:
+        x = x.unsqueeze(3)  # B, H, W, 1, C
+    b, h, w, gin, _ = x.shape
+    nh, d, k = layer.num_heads, layer.head_dim, layer.kernel_size
+    g, pad = layer.group.order, layer.kernel_size // 2
+    q = layer.query(x) * layer.scale  # B, H, W, Gin, nh d
+    kk, vv = layer.key(x), layer.value(x)  # B, H, W, Gin, nh d
+
+    def unfold(t):  # B, H, W, Gin, nh d -> B, nh, H W, k k, Gin, d
+        t = t.permute(0, 3, 4, 1, 2).reshape(b, gin * nh * d, h, w)
+        t = F.unfold(t, k, padding=pad).view(b, gin, nh, d, k * k, h * w)
+        return t.permute(0, 2, 5, 4, 1, 3)
+
+    kw, vw = unfold(kk), unfold(vv)
+    q = q.view(b, h * w, gin, nh, d).permute(0, 3, 1, 2, 4)  # B, nh, HW, Gin, d
+    inside = F.unfold(torch.ones(1, 1, h, w), k, padding=pad).view(k * k, h * w).t() > 0  # HW, P
+    table = layer.pos_enc()  # evaluated every forward: lifting [G, P, d], group [G, P, G', d]
+    if layer.window != "square" or table.shape[1] != k * k:
+        raise ValueError("the straightforward version covers square windows only")
+    if lifting:
+        s = torch.einsum("bnxd,bnxpd->bnxp", q[:, :, :, 0], kw[..., 0, :])[:, :, :, None]
+        s = s + torch.einsum("bnxd,hpd->bnxhp", q[:, :, :, 0], table)  # B, nh, HW, G, P
+        s = s.masked_fill(~inside[None, None, :, None], float("-inf")).softmax(-1)
+        out = torch.einsum("bnxhp,bnxpd->bnxhd", s, vw[..., 0, :])
+    else:
+        # scores over (query orientation t, output h, offset p, key orientation k)
+        s = torch.einsum("bnxtd,bnxpkd->bnxtpk", q, kw)[:, :, :, :, None]
+        s = s + torch.einsum("bnxtd,hpkd->bnxthpk", q, table)  # B, nh, HW, G~, G, P, G'
+        shape = s.shape
+        s = s.masked_fill(~inside[None, None, :, None, None, :, None], float("-inf"))
+        s = s.flatten(-2).softmax(-1).view(shape)
+        if layer.form == "paper":
+            out = torch.einsum("bnxthpk,bnxpkd->bnxhd", s, vw)
+        else:
+            out = torch.einsum("bnxhhpk,bnxpkd->bnxhd", s, vw)
+    out = out.permute(0, 2, 3, 1, 4).reshape(b, h, w, g, nh * d)
+    c = layer.crop
+    out = out[:, c : h - c, c : w - c]
+    return layer.proj(out)
+
+
+def make_naive(model):
+    """Swap every attention layer's forward for the straightforward one (same weights)."""
+    from training.lifting import LiftingSelfAttention
+
+    for layer in model.attention_layers():
+        lifting = isinstance(layer, LiftingSelfAttention)
+        layer.forward = (lambda lyr, lf: (lambda x: naive_attention_forward(lyr, x, lf)))(layer, lifting)
+    return model
+
+
+# ---- one measurement, in a subprocess -------------------------------------------------------
+def measure(spec: dict) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    from training.networks import create_model
+
+    model = create_model(spec["model"], **spec.get("overrides", {}))
+    if spec.get("impl") == "naive":
+        make_naive(model)
+    cfg = model.config
+    bs = spec["batch"]
+    x = torch.rand(bs, cfg.in_chans, cfg.img_size, cfg.img_size)
+    y = torch.randint(0, cfg.num_classes, (bs,))
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    base = _rss_mb()
+    times = []
+    for _ in range(spec["warmup"] + spec["repeats"]):
+        t0 = time.perf_counter()
+        if spec["mode"] == "train":
+            model.train()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        else:
+            model.eval()
+            with torch.no_grad():
+                model(x)
+        times.append(time.perf_counter() - t0)
+    best = min(times[spec["warmup"]:])
+    return {"images_per_s": bs / best, "seconds": best, "peak_mb": _peak_mb() - base}
+
+
+def run_sub(spec: dict, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--measure", json.dumps(spec)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f} s"}
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1][:120]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare_outputs() -> None:
+    import torch
+
+    from training.networks import create_model
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 28, 28)
+    for form in ("paper", "aligned"):
+        ours = create_model("gsa_rotmnist_r4", form=form).eval()
+        naive = make_naive(create_model("gsa_rotmnist_r4", form=form).eval())
+        naive.load_state_dict(ours.state_dict())
+        with torch.no_grad():
+            a, b = ours(x), naive(x)
+        err = float((a - b).abs().max() / b.abs().max())
+        print(f"outputs, {form} form vs straightforward: max relative difference {err:.2e}"
+              f" ({'ok' if err < 1e-5 else 'MISMATCH'})")
+        if err >= 1e-5:
+            raise SystemExit("outputs differ by more than 1e-5")
+
+
+def part_compare(timeout: float) -> None:
+    compare_outputs()
+    rows = []
+    for impl, form in (("ours", "paper"), ("ours", "aligned"), ("naive", "paper")):
+        for mode, batch in (("train", 8), ("train", 64), ("infer", 8), ("infer", 64)):
+            if impl == "naive" and batch == 64 and mode == "train":
+                continue  # B x heads x |H|^3 x H x W x P scores: about 2 GB each at batch 64
+            spec = {"model": "gsa_rotmnist_r4", "overrides": {"form": form}, "impl": impl, "mode": mode,
+                    "batch": batch, "warmup": 1, "repeats": 2 if impl == "ours" else 1}
+            res = run_sub(spec, timeout)
+            rows.append((f"{impl}-{form}", mode, batch, res))
+            print(_fmt_row(*rows[-1]), flush=True)
+    base = {(m, b): r for name, m, b, r in rows if name == "naive-paper" and "error" not in r}
+    for name, m, b, r in rows:
+        if name.startswith("ours") and (m, b) in base and "error" not in r:
+            nb = base[(m, b)]
+            print(f"  {name} {m} b{b}: {r['images_per_s'] / nb['images_per_s']:.1f}x faster, "
+                  f"{nb['peak_mb'] / max(r['peak_mb'], 1.0):.1f}x less peak memory than straightforward")
+
+
+def _fmt_row(name, mode, batch, res) -> str:
+    if "error" in res:
+        return f"{name:<16} {mode:<5} b{batch:<3} {res['error']}"
+    return (f"{name:<16} {mode:<5} b{batch:<3} {res['images_per_s']:8.2f} images/s "
+            f"{res['seconds']:8.2f} s/step  peak +{res['peak_mb']:8.0f} MB")
+
+
+def part_configs(names: list[str], timeout: float) -> None:
+    print(f"\none training step at the paper's batch size (timeout {timeout:.0f} s each)")
+    for name in names:
+        batch = PAPER_BATCH[name.split("_")[1]]
+        spec = {"model": name, "mode": "train", "batch": batch, "warmup": 0, "repeats": 1}
+        print(_fmt_row(name, "train", batch, run_sub(spec, timeout)), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["all", "compare", "configs"], default="all")
+    parser.add_argument("--configs", nargs="*", default=PAPER_CONFIGS)
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(json.loads(args.measure))))
+        return
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
+          f"load average {os.getloadavg()[0]:.2f}")
+    if args.part in ("all", "compare"):
+        part_compare(args.timeout)
+    if args.part in ("all", "configs"):
+        part_configs(args.configs, args.timeout)
+
+
+if __name__ == "__main__":
+    main()
