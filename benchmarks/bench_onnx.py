@@ -8,8 +8,9 @@
 2. Sweeps ONNX Runtime session options at ``--sweep-batch``: intra-op threads 1/2, graph
    optimisation basic/extended/all, sequential or parallel execution (2 inter-op threads; the
    chunks of a layer are independent branches of the graph). Prints the table and the winner.
-3. Measures PyTorch eager (its own default chunking, and the export's) and ONNX Runtime (default
-   options and the winner) at every batch size.
+3. Measures PyTorch eager (its own chunking) and ONNX Runtime (the best options of the sweep) with
+   1 and 2 threads at every batch size, and prints the ratios at equal thread counts and best
+   against best.
 
 Every measurement runs in a fresh subprocess: throughput over timed runs after one warm-up run, and
 peak resident memory above the baseline after loading (the kernel's peak counter is reset once the
@@ -26,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -97,13 +97,13 @@ def _load_model(args):
 def worker_torch(args) -> dict:
     import torch
 
-    from training.export_graph import ExportWrapper, frozen_for_export
+    from training.export_graph import ExportWrapper
 
     torch.set_num_threads(args.threads)
     model = _load_model(args)
     wrapper = ExportWrapper(model).eval()
     images = _images(args)
-    with torch.inference_mode(), (frozen_for_export(model, freeze=False) if args.export_chunks else nullcontext()):
+    with torch.inference_mode():
         def run(x):
             return wrapper(torch.from_numpy(x))
         base = _rss_mb()
@@ -190,47 +190,61 @@ def driver(args) -> None:
     print(f"\nONNX Runtime session options at batch {args.sweep_batch}:")
     sweep = []
     for c in configs:
-        extra = ["--engine", "ort", "--onnx", onnx_path, "--batch", str(args.sweep_batch), "--threads", str(c["threads"]),
-                 "--opt", c["opt"]] + (["--parallel"] if c["parallel"] else [])
-        r = _spawn(common, extra, args.timeout)
+        r = _spawn(common, _ort_args(onnx_path, args.sweep_batch, c, min_time=args.sweep_time), args.timeout)
         sweep.append((c, r))
         print(f"  {_config_name(c)}  {_fmt(r, args.sweep_batch)}", flush=True)
-    ok = [(c, r) for c, r in sweep if "error" not in r]
-    best = min(ok, key=lambda cr: cr[1]["seconds"])[0]
-    print(f"  winner: {_config_name(best)}")
+    best = {}
+    for threads in (1, 2):
+        ok = [(c, r) for c, r in sweep if "error" not in r and c["threads"] == threads]
+        best[threads] = min(ok, key=lambda cr: cr[1]["seconds"])[0]
+    winner = min(((c, r) for c, r in sweep if "error" not in r), key=lambda cr: cr[1]["seconds"])[0]
+    print(f"  winner: {_config_name(winner)}")
 
-    # 2. batches
-    default = {"threads": 2, "opt": "all", "parallel": False}
-    rows = []
+    # 2. batches: eager and the best ORT options at 1 and 2 threads. A 2-thread run is skipped once
+    # it was more than twice as slow as 1 thread at a smaller batch (an oversubscribed machine).
+    rows, skip = [], set()
     for batch in args.batches:
         row = {"batch": batch}
-        for key, c in (("ort_default", default), ("ort_best", best)):
-            extra = ["--engine", "ort", "--onnx", onnx_path, "--batch", str(batch), "--threads", str(c["threads"]),
-                     "--opt", c["opt"]] + (["--parallel"] if c["parallel"] else [])
-            row[key] = _spawn(common, extra, args.timeout)
-        for key, chunks in (("torch", False), ("torch_export_chunks", True)):
-            extra = ["--engine", "torch", "--batch", str(batch), "--threads", "2"] + (["--export-chunks"] if chunks else [])
-            row[key] = _spawn(common, extra, args.timeout)
+        for threads in (1, 2):
+            for engine in ("torch", "ort"):
+                key = f"{engine}{threads}"
+                if key in skip:
+                    row[key] = {"error": "skipped (2 threads slower)"}
+                    continue
+                extra = (["--engine", "torch", "--batch", str(batch), "--threads", str(threads)] if engine == "torch"
+                         else _ort_args(onnx_path, batch, best[threads]))
+                row[key] = _spawn(common, extra, args.timeout)
+        for engine in ("torch", "ort"):
+            one, two = row[f"{engine}1"], row[f"{engine}2"]
+            if "error" not in one and ("error" in two or two["seconds"] > 2 * one["seconds"]):
+                skip.add(f"{engine}2")
         rows.append(row)
         print(f"  batch {batch} done (load average {os.getloadavg()[0]:.1f})", flush=True)
 
-    print(f"\nthroughput and peak RSS above the post-load baseline (fresh process each; min {args.min_time:g} s of timed runs)")
-    print(f"ORT best = {_config_name(best)}; ORT default = intra=2 opt=all sequential; torch eager 2 threads")
-    header = (f"{'batch':>5} | {'torch eager (default chunks)':>28} | {'torch eager (export chunks)':>28} | "
-              f"{'ORT default':>28} | {'ORT best':>28} | ORT best / eager")
+    print(f"\nthroughput and peak RSS above the post-load baseline (fresh process each; >= {args.min_time:g} s of timed runs)")
+    print(f"ORT options: 1 thread {_config_name(best[1])}; 2 threads {_config_name(best[2])}")
+    cols = ("torch1", "ort1", "torch2", "ort2")
+    names = ("torch eager, 1 thread", "ORT, 1 thread", "torch eager, 2 threads", "ORT, 2 threads")
+    header = f"{'batch':>5} | " + " | ".join(f"{n:>26}" for n in names) + " | ORT/eager (1 thr, 2 thr, best/best)"
     print(header)
     print("-" * len(header))
     for row in rows:
         b = row["batch"]
-        ratio = "n/a"
-        if all("error" not in row[k] for k in ("torch", "ort_best")):
-            ratio = f"{row['torch']['seconds'] / row['ort_best']['seconds']:.1f}x"
-            if "error" not in row["torch_export_chunks"]:
-                ratio += f" ({row['torch_export_chunks']['seconds'] / row['ort_best']['seconds']:.1f}x vs export chunks)"
-        print(f"{b:>5} | {_fmt(row['torch'], b):>28} | {_fmt(row['torch_export_chunks'], b):>28} | "
-              f"{_fmt(row['ort_default'], b):>28} | {_fmt(row['ort_best'], b):>28} | {ratio}")
+        ratios = []
+        for t in ("1", "2"):
+            e, o = row["torch" + t], row["ort" + t]
+            ratios.append(f"{e['seconds'] / o['seconds']:.2f}x" if "error" not in e and "error" not in o else "-")
+        fastest = {e: min((row[e + t]["seconds"] for t in "12" if "error" not in row[e + t]), default=None) for e in ("torch", "ort")}
+        ratios.append(f"{fastest['torch'] / fastest['ort']:.2f}x" if None not in fastest.values() else "-")
+        print(f"{b:>5} | " + " | ".join(f"{_fmt(row[c], b):>26}" for c in cols) + " | " + ", ".join(ratios))
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     tmp.cleanup()
+
+
+def _ort_args(onnx_path: str, batch: int, c: dict, min_time: float | None = None) -> list[str]:
+    out = ["--engine", "ort", "--onnx", onnx_path, "--batch", str(batch), "--threads", str(c["threads"]), "--opt", c["opt"]]
+    out += ["--parallel"] if c["parallel"] else []
+    return out + (["--min-time", str(min_time)] if min_time is not None else [])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--sweep-batch", type=int, default=8)
     p.add_argument("--min-time", type=float, default=2.0, help="seconds of timed runs per measurement (at least one run)")
-    p.add_argument("--timeout", type=float, default=240.0, help="seconds per measurement process")
+    p.add_argument("--sweep-time", type=float, default=1.0, help="seconds of timed runs per option in the sweep")
+    p.add_argument("--timeout", type=float, default=150.0, help="seconds per measurement process")
     p.add_argument("--seed", type=int, default=0)
     # worker-only
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -250,7 +265,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--opt", choices=OPT_LEVELS, default="all", help=argparse.SUPPRESS)
     p.add_argument("--parallel", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--export-chunks", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--chans", type=int, help=argparse.SUPPRESS)
     return p
@@ -258,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if str(ROOT) not in sys.path:  # run as a script from anywhere
+        sys.path.insert(0, str(ROOT))
     if args.worker:
         result = worker_torch(args) if args.engine == "torch" else worker_ort(args)
         print(json.dumps(result))

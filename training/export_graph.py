@@ -94,6 +94,16 @@ def scores_per_query(layer: nn.Module) -> int:
 
 
 @contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
 def frozen_for_export(
     model: GSANet, chunk_batch: int = CHUNK_BATCH, chunk_scores: int = CHUNK_SCORES, freeze: bool = True
 ) -> Iterator[list[int]]:
@@ -104,32 +114,20 @@ def frozen_for_export(
     """
     layers = model.attention_layers()
     saved = [(layer.frozen_table, layer.chunk_queries) for layer in layers]
-    was_training = model.training
-    model.eval()
-    try:
-        chunks = []
-        for layer in layers:
-            if freeze:
-                with torch.no_grad():
-                    layer.frozen_table = layer.encoding_table().detach().clone()
-            n = max(1, chunk_scores // (chunk_batch * layer.num_heads * scores_per_query(layer)))
-            layer.chunk_queries = n
-            chunks.append(n)
-        yield chunks
-    finally:
-        for layer, (table, chunk) in zip(layers, saved):
-            layer.frozen_table, layer.chunk_queries = table, chunk
-        model.train(was_training)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
+    with _eval_mode(model):
+        try:
+            chunks = []
+            for layer in layers:
+                if freeze:
+                    with torch.no_grad():
+                        layer.frozen_table = layer.encoding_table().detach().clone()
+                n = max(1, chunk_scores // (chunk_batch * layer.num_heads * scores_per_query(layer)))
+                layer.chunk_queries = n
+                chunks.append(n)
+            yield chunks
+        finally:
+            for layer, (table, chunk) in zip(layers, saved):
+                layer.frozen_table, layer.chunk_queries = table, chunk
 
 
 @dataclass
