@@ -16,6 +16,7 @@ __all__ = [
     "relative_error",
     "layer_equivariance_error",
     "network_equivariance_errors",
+    "grid_exact_generators",
 ]
 
 
@@ -63,13 +64,28 @@ def layer_equivariance_error(layer, x, group, lifting: bool) -> float:
     return worst
 
 
-def network_equivariance_errors(model, x) -> tuple[float, float]:
-    """(responses error, logits error) over the grid-exact elements for images ``[B, C, H, W]``."""
+def grid_exact_generators(group: Group) -> list[int]:
+    """Generators of the grid-exact subgroup: the quarter turn (if any) and the mirror (if any).
+
+    Equivariance under generators implies it under every product of them, so checking these is
+    enough when a full sweep is too costly (large groups on large nets).
+    """
+    gens = []
+    if group.n % 4 == 0:
+        gens.append(group.index(group.n // 4, 0))
+    if group.mirror:
+        gens.append(group.index(0, 1))
+    return gens
+
+
+def network_equivariance_errors(model, x, elements: list[int] | None = None) -> tuple[float, float]:
+    """(responses error, logits error) over ``elements`` (default: every grid-exact element) for
+    images ``[B, C, H, W]``."""
     group = model.group
     with torch.no_grad():
         out = model.forward_all(x)
         worst_r = worst_l = 0.0
-        for e in group.grid_exact_elements():
+        for e in group.grid_exact_elements() if elements is None else elements:
             o = model.forward_all(act_on_spatial(x, group, e, (2, 3)))
             perm = group.left_regular_permutation(e)
             worst_r = max(worst_r, relative_error(o["orientation_responses"], out["orientation_responses"][:, :, perm]))
