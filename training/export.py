@@ -50,7 +50,7 @@ GRAPH_FILE, FP16_FILE, CARD_FILE = "model.onnx", "model.fp16.onnx", "card.json"
 # PCam patches: Camelyon16 slides scanned at 0.243 um/px (40x), undersampled 4x to 10x ("level 2").
 PCAM_MPP = 0.972
 PARITY_ATOL = 1e-4
-FP16_PROB_TOL = 1e-2  # fp16 probabilities against fp32 ONNX Runtime, on random images
+FP16_PROB_TOL = 5e-2  # sanity bound (overflow, wrong casts): fp16 probabilities against fp32, random images
 
 
 def _sha256(path: Path) -> str:
@@ -304,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(args_list)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("training").setLevel(logging.INFO)  # the exporter's dependencies stay quiet
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notices
     try:
         model, ckpt = load_model(args.checkpoint)
         training, metrics = _checkpoint_provenance(ckpt)
