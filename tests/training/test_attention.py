@@ -1,0 +1,139 @@
+"""The chunked attention kernels: gradients against autograd, chunk-size independence, gradient
+flow through whole networks, and clear errors for bad input."""
+
+import pytest
+import torch
+
+from training.attention_kernels import WindowAttention, _gather, attention_scores
+from training.group_attention import GroupSelfAttention
+from training.groups import get_group
+from training.lifting import LiftingSelfAttention
+from training.networks import GSANetConfig, create_model
+from training.windows import neighbour_index, window_offsets
+
+
+def _reference(form, q, k, v, table, index, bias):
+    """Plain autograd over a single chunk: the same maths, no hand-written backward."""
+    idx = index.reshape(-1)
+    kw, vw = _gather(k, idx, index.shape[0]), _gather(v, idx, index.shape[0])
+    a = torch.softmax(attention_scores(form, q, kw, table, bias), dim=-1)
+    if form == "paper":
+        a = a.sum(dim=3)
+    return a @ vw
+
+
+def _inputs(form, gq, g, size=6, kernel=5, crop=0):
+    offsets = window_offsets(kernel)
+    index, outside, pad = neighbour_index(size, size, offsets, crop)
+    bias = torch.zeros(outside.shape, dtype=torch.float64).masked_fill(outside, float("-inf"))
+    b, nh, d, p = 2, 3, 4, offsets.shape[0]
+    q = torch.randn(b, nh, index.shape[0], gq, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, nh, (size + 2 * pad) ** 2, gq, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn_like(k, requires_grad=True)
+    j = p * gq
+    shape = (d, g * j) if form == "paper" else (g, d, j)
+    table = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    return q, k, v, table, index, bias, outside.any(dim=1).tolist()
+
+
+# (form, query orientations, output orientations): lifting is the paper kernel with Gq = 1
+KERNEL_CASES = [("paper", 4, 4), ("paper", 1, 8), ("aligned", 4, 4), ("paper", 8, 8)]
+
+
+@pytest.mark.parametrize("form,gq,g", KERNEL_CASES, ids=["paper-R4", "lifting-R8", "aligned-R4", "paper-R8"])
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_hand_written_backward_matches_autograd(form, gq, g, chunk):
+    q, k, v, table, index, bias, rows = _inputs(form, gq, g)
+    out = WindowAttention.apply(q, k, v, table, form, index, bias, rows, chunk, 0.0)
+    ref = _reference(form, q, k, v, table, index, bias)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grad_out = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (q, k, v, table), grad_out)
+    theirs = torch.autograd.grad(ref, (q, k, v, table), grad_out)
+    for name, a, b in zip("q k v table".split(), ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("form,gq,g", [("paper", 2, 2), ("aligned", 2, 2)])
+def test_backward_with_attention_dropout_passes_gradcheck(form, gq, g):
+    q, k, v, table, index, bias, rows = _inputs(form, gq, g, size=4, kernel=3)
+
+    def fn(q, k, v, table):
+        torch.manual_seed(5)  # the same masks on every call
+        return WindowAttention.apply(q, k, v, table, form, index, bias, rows, 5, 0.3)
+
+    small = [t.detach()[:1, :1].clone().requires_grad_() for t in (q, k, v)] + [table]
+    assert torch.autograd.gradcheck(fn, tuple(small), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["paper", "aligned"])
+def test_output_does_not_depend_on_chunk_size(form):
+    torch.manual_seed(0)
+    layer = GroupSelfAttention(6, 8, 2, 5, get_group("R4"), 5, form=form).eval()
+    x = torch.randn(2, 9, 9, 4, 6)
+    with torch.no_grad():
+        layer.chunk_elements = 1
+        a = layer(x)
+        layer.chunk_elements = 1 << 30
+        b = layer(x)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gsa_rotmnist_r4", "gsa_rotmnist_r4m", "gsa_rotmnist_z2", "gsa_tiny_r4"])
+@pytest.mark.parametrize("form", ["paper", "aligned"])
+def test_every_parameter_gets_a_finite_gradient(name, form):
+    torch.manual_seed(0)
+    model = create_model(name, form=form, attn_drop=0.1, value_drop=0.1).train()
+    cfg = model.config
+    x = torch.rand(2, cfg.in_chans, cfg.img_size, cfg.img_size)
+    out = model.forward_all(x)
+    assert all(torch.isfinite(t).all() for t in out.values())
+    loss = torch.nn.functional.cross_entropy(out["logits"], torch.tensor([1, 3]))
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None, f"{pname} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{pname} has a non-finite gradient"
+        if pname.endswith(("row.net.3.bias", "col.net.3.bias")):
+            # The last bias of a coordinate MLP adds q . b to every key of a query alike: the
+            # softmax cancels it, so its gradient is zero up to rounding (the paper has it too).
+            assert p.grad.abs().max() < 1e-3
+        else:
+            assert p.grad.abs().sum() > 0, f"{pname} has an all-zero gradient"
+
+
+# ---- bad input -------------------------------------------------------------------------------
+def test_wrong_channel_count_is_named():
+    model = create_model("gsa_tiny_r4")
+    with pytest.raises(ValueError, match="expected 1 input channels, got 3"):
+        model(torch.rand(1, 3, 16, 16))
+    layer = GroupSelfAttention(6, 8, 2, 5, get_group("R4"), 3)
+    with pytest.raises(ValueError, match="expects 6 input channels, got 5"):
+        layer(torch.rand(1, 9, 9, 4, 5))
+    with pytest.raises(ValueError, match=r"group axis of 4 \(R4\), got 8"):
+        layer(torch.rand(1, 9, 9, 8, 6))
+
+
+def test_non_square_input_is_rejected():
+    with pytest.raises(ValueError, match="square"):
+        create_model("gsa_tiny_r4")(torch.rand(1, 1, 16, 18))
+    with pytest.raises(ValueError, match="square input"):
+        LiftingSelfAttention(1, 8, 2, 4, get_group("R4"), 3)(torch.rand(1, 9, 11, 1))
+
+
+@pytest.mark.parametrize("kernel", [4, 0, -3])
+def test_even_or_empty_window_is_rejected(kernel):
+    with pytest.raises(ValueError, match="positive odd integer"):
+        GroupSelfAttention(6, 8, 2, 5, get_group("R4"), kernel)
+
+
+def test_unknown_group_and_bad_configs_are_rejected():
+    with pytest.raises(ValueError, match="unknown group 'P4'"):
+        create_model("gsa_rotmnist_r4", group="P4")
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("gsa_rotmnist_r5")
+    with pytest.raises(ValueError, match="one entry per layer"):
+        GSANetConfig(crops=(1, 1))
+    with pytest.raises(ValueError, match="too small"):
+        create_model("gsa_rotmnist_r4", img_size=12)
+    with pytest.raises(ValueError, match="form must be one of"):
+        create_model("gsa_rotmnist_r4", form="fast")
