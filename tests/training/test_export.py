@@ -38,6 +38,7 @@ from training.export_graph import (
     build_graph,
     check_parity,
     find_encoding_mlp,
+    iter_graphs,
     run_onnx,
 )
 from training.networks import create_model, list_models
@@ -178,6 +179,7 @@ def test_export_model_writes_version(written):
     assert card["export"]["parity"]["max_abs_diff"]["logits"] <= 1e-4
     assert {"torch", "onnx", "onnxruntime"} <= set(card["versions"]) and card["command"] == "pytest"
     assert card["outputs"]["features"] == ["N", model.num_features, 4]
+    assert card["export"]["graph_layout"].startswith("per-image") and card["export"]["fp16_graph_layout"] == "batched"
     service_card = pytest.importorskip("service.card")
     assert service_card.ModelCard.from_dict(card).fp16_file == FP16_FILE
 
@@ -199,7 +201,10 @@ def test_fp16_graph(written):
 
 def _table_in_graph(proto: onnx.ModelProto, table: torch.Tensor) -> bool:
     values = set(table.reshape(-1).tolist())
-    inits = (set(onnx.numpy_helper.to_array(t).astype(np.float32).ravel().tolist()) for t in proto.graph.initializer)
+    inits = (
+        set(onnx.numpy_helper.to_array(t).astype(np.float32).ravel().tolist())
+        for g in iter_graphs(proto.graph) for t in g.initializer
+    )
     return any(values <= v for v in inits)
 
 
@@ -212,7 +217,7 @@ def test_graph_has_no_encoding_mlp(written):
         assert all(_table_in_graph(proto, layer.encoding_table()) for layer in model.attention_layers())
     in_encodings = {id(m) for layer in model.attention_layers() for m in layer.pos_enc.modules()}
     norms = sum(isinstance(m, nn.LayerNorm) and id(m) not in in_encodings for m in model.modules())
-    assert sum(n.op_type == "LayerNormalization" for n in proto.graph.node) == norms
+    assert sum(n.op_type == "LayerNormalization" for g in iter_graphs(proto.graph) for n in g.node) == norms
 
     # Negative control: the same model exported without freezing keeps its MLP, and the check says so.
     raw = build_graph(model, freeze=False, simplify=False).model
