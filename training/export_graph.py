@@ -8,7 +8,8 @@ dynamic ``N``; scaling (/255) and the model's own normalisation inside the graph
 Before tracing, every attention layer gets its group-expanded encoding table frozen (a constant
 tensor, so the positional MLP and its weights are not in the graph) and a fixed query chunk size
 (so that the graph does not depend on the dynamic batch size, and a chunk's score tensor stays
-bounded at ``chunk_batch`` images).
+bounded at ``chunk_batch`` images). The CPU graph runs the network on one image at a time inside an
+ONNX ``Scan`` (:class:`PerImageWrapper`), so its chunks hold one image's scores at any batch size.
 
 Exporter: ``torch.onnx.export(..., dynamo=True, optimize=False)``. The exporter's own optimiser
 (onnxscript's rewriter) is left out: its pattern matcher is super-linear in the graph size and took
