@@ -3,8 +3,9 @@
     python benchmarks/bench_onnx.py [--model gsa_rotmnist_r4 | --checkpoint ckpt.pt] [--onnx model.onnx]
         [--batches 1 8 64] [--sweep-batch 8] [--min-time 2]
 
-1. Exports the model once (the shipped graph: encodings frozen, chunks sized for batch 64), unless
-   ``--onnx`` names an exported graph of the same model.
+1. Exports the model once (the shipped CPU graph: encodings frozen, a per-image loop with
+   cache-sized chunks; ``--batched`` for the batched graph instead), unless ``--onnx`` names an
+   exported graph of the same model.
 2. Sweeps ONNX Runtime session options at ``--sweep-batch``: intra-op threads 1/2, graph
    optimisation basic/extended/all, sequential or parallel execution (2 inter-op threads; the
    chunks of a layer are independent branches of the graph). Prints the table and the winner.
@@ -175,10 +176,11 @@ def driver(args) -> None:
     onnx_path = args.onnx
     if onnx_path is None:
         t = time.perf_counter()
-        result = build_graph(model)
+        result = build_graph(model, per_image=not args.batched)
         onnx_path = str(Path(tmp.name) / "model.onnx")
         Path(onnx_path).write_bytes(result.model.SerializeToString())
-        print(f"exported {model.name} in {time.perf_counter() - t:.0f} s ({result.exporter}, {len(result.model.graph.node)} nodes, "
+        layout = "per-image Scan" if result.per_image else "batched"
+        print(f"exported {model.name} in {time.perf_counter() - t:.0f} s ({result.exporter}, {layout}, "
               f"chunk_queries {result.chunk_queries})", flush=True)
     common = ["--size", str(size), "--chans", str(chans), "--min-time", str(args.min_time), "--seed", str(args.seed)]
     common += ["--checkpoint", args.checkpoint] if args.checkpoint else ["--model", args.model]
@@ -252,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="gsa_rotmnist_r4", help="registered model (random weights)")
     p.add_argument("--checkpoint", default=None, help="use a checkpoint's model and weights instead")
     p.add_argument("--onnx", default=None, help="an exported graph of the same model (skips the export)")
+    p.add_argument("--batched", action="store_true", help="benchmark the batched graph instead of the per-image loop")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--sweep-batch", type=int, default=8)
     p.add_argument("--min-time", type=float, default=2.0, help="seconds of timed runs per measurement (at least one run)")
