@@ -12,6 +12,11 @@ from training.networks import GSANetConfig, create_model
 from training.windows import neighbour_index, window_offsets
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
 def _reference(form, q, k, v, table, index, bias):
     """Plain autograd over a single chunk: the same maths, no hand-written backward."""
     idx = index.reshape(-1)

@@ -21,6 +21,11 @@ GEOMETRIES = [(5, 0, "auto", 9), (3, 1, "square", 9), (5, 1, "disc", 9), (None, 
 GEOMETRY_IDS = ["k5-border", "k3-crop1", "k5-disc", "global"]
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
 def _lifting(group, kernel_size, crop, window, size=9):
     return LiftingSelfAttention(3, 8, 2, 5, group, kernel_size, size, window, crop).eval()
 

@@ -1,9 +1,0 @@
-"""Shared helpers for the training tests."""
-
-import pytest
-import torch
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
