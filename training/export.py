@@ -3,11 +3,11 @@
     python -m training.export --checkpoint ckpt.pt --name rotmnist-r4 --version 1 [--out models]
         [--fp16] [--features] [--mpp 0.972] [--metrics eval.json] [--force]
 
-The graph follows DESIGN.md ("The exported graph"); how it is built is in
-:mod:`training.export_graph`. Nothing is written unless the graph passes the ONNX checker, contains
-no positional-encoding MLP, and reproduces PyTorch in ONNX Runtime (max abs diff <= 1e-4). The
-version folder is assembled in a hidden temporary folder beside it and renamed into place, so the
-service (which skips hidden folders) never sees half a version.
+The graph follows DESIGN.md ("The exported graph"); how it is built and checked is in
+:mod:`training.export_graph` and :mod:`training.export_checks`. Nothing is written unless the graph
+passes the ONNX checker, contains no positional-encoding MLP, and reproduces PyTorch in ONNX
+Runtime (max abs diff <= 1e-4). The version folder is assembled in a hidden temporary folder beside
+it and renamed into place, so the service (which skips hidden folders) never sees half a version.
 """
 
 from __future__ import annotations
@@ -29,17 +29,8 @@ import numpy as np
 import torch
 
 from training.checkpoint import CheckpointError, load_model
-from training.export_graph import (
-    CHUNK_BATCH,
-    CHUNK_SCORES,
-    DEFAULT_OPSET,
-    ExportParityError,
-    build_graph,
-    check_parity,
-    find_encoding_mlp,
-    run_onnx,
-    to_fp16,
-)
+from training.export_checks import check_parity, find_encoding_mlp, run_onnx
+from training.export_graph import CHUNK_BATCH, CHUNK_SCORES, DEFAULT_OPSET, ExportParityError, build_graph, to_fp16
 from training.networks import GSANet
 
 __all__ = ["GRAPH_FILE", "FP16_FILE", "CARD_FILE", "PCAM_MPP", "export_model", "build_card", "main"]

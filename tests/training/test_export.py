@@ -32,15 +32,8 @@ import torch.nn as nn
 from training.checkpoint import save_checkpoint
 from training.equivariance import act_on_group_signal, act_on_spatial, relative_error
 from training.export import CARD_FILE, FP16_FILE, GRAPH_FILE, PCAM_MPP, export_model, main
-from training.export_graph import (
-    ExportParityError,
-    GraphResult,
-    build_graph,
-    check_parity,
-    find_encoding_mlp,
-    iter_graphs,
-    run_onnx,
-)
+from training.export_checks import check_parity, find_encoding_mlp, iter_graphs, run_onnx
+from training.export_graph import ExportParityError, GraphResult, build_graph
 from training.networks import create_model, list_models
 
 SIZES = {
