@@ -156,7 +156,17 @@ def _chunk_backward(form, qc, kwin, vwin, table, bias, p_drop, seed, doutc):
 
 
 def window_attention(form, q, k, v, table, index, bias, row_outside, n, p_drop=0.0):
-    """Windowed attention of a whole layer, ``[B, nh, X, G, d]``; differentiable in q, k, v, table."""
+    """Windowed attention of a whole layer, ``[B, nh, X, G, d]``; differentiable in q, k, v, table.
+
+    Under autocast the kernel runs in float32 (scores, softmax, sums over orientations and the
+    hand-written backward), with autocast off inside; the projections around it stay in the low
+    precision. Mixed bf16/float32 operands used to raise inside it.
+    """
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return window_attention(form, q.float(), k.float(), v.float(), table.float(), index, bias,
+                                    row_outside, n, p_drop)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, table)):
         return WindowAttention.apply(q, k, v, table, form, index, bias, row_outside, n, p_drop)
     return inference_attention(form, q, k, v, table, index, bias, row_outside, n, p_drop)

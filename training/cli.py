@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import yaml
+from training.config import load_yaml
 from torch.utils.data import DataLoader, Subset
 
 __all__ = ["main", "build_parser"]
@@ -87,7 +87,7 @@ def _parse_options(items: Sequence[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--option {item}: expected key=value")
-        options[key] = yaml.safe_load(raw)
+        options[key] = load_yaml(raw)
     return options
 
 

@@ -10,6 +10,7 @@ YAML values: ``train.batch_size=64``, ``optim.lr=2e-3``, ``model.overrides.attn_
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -252,6 +253,25 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
+class YAMLLoader(yaml.SafeLoader):
+    """Safe YAML with 1.2 booleans: only ``true``/``false`` are booleans, so ``amp: off`` or
+    ``--set train.amp=off`` stays the string "off" (YAML 1.1 would read it as False)."""
+
+
+YAMLLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text with :class:`YAMLLoader`."""
+    return yaml.load(text, Loader=YAMLLoader)
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply ``key.sub=value`` strings (values parsed as YAML) to a nested dict, in place."""
     for item in overrides:
@@ -259,7 +279,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         if not sep or not key:
             raise ConfigError(f"--set {item}", "expected key=value")
         try:
-            value = yaml.safe_load(raw)
+            value = load_yaml(raw)
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item}", f"value is not valid YAML ({exc})") from None
         node = data
@@ -288,7 +308,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
         except OSError as exc:
             raise ConfigError(source, f"cannot read config ({exc.strerror or exc})") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = load_yaml(text) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(source, f"invalid YAML ({exc})") from None
         if not isinstance(data, dict):

@@ -55,6 +55,16 @@ def test_overrides_and_coercions(tmp_path):
     assert config_to_dict(config)["schedule"]["milestones"] == [30, 60]
 
 
+def test_yaml_words_on_off_yes_no_stay_strings(tmp_path):
+    # YAML 1.1 reads off/on/yes/no as booleans; the configs use YAML 1.2 booleans (true/false).
+    path = _write(tmp_path, "train:\n  amp: off\n  progress: false\n")
+    assert load_config(path).train.amp == "off" and load_config(path).train.progress is False
+    assert load_config(path, ["train.amp=bf16", "train.progress=true"]).train.amp == "bf16"
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"
+    with pytest.raises(ConfigError, match="train.progress: expected bool, got str 'yes'"):
+        load_config(None, ["train.progress=yes"])
+
+
 @pytest.mark.parametrize(
     "text, overrides, match",
     [
@@ -186,3 +196,29 @@ def test_cli_refuses_resume_on_other_data(tiny_run, tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         assert main(argv) == 2
     assert any("fingerprint" in r.getMessage() for r in caplog.records)
+
+
+# ---- plots -----------------------------------------------------------------------------------
+def test_plot_writes_a_png_of_the_runs(tmp_path):
+    from training.plot import main
+
+    logs = {}
+    for label, accs in {"Z2": [0.5, 0.7], "R4": [0.6, 0.9, 0.95]}.items():
+        path = tmp_path / f"{label}.jsonl"
+        path.write_text("".join(json.dumps({"epoch": i + 1, "val_acc": a}) + "\n" for i, a in enumerate(accs)))
+        logs[label] = path
+    out = tmp_path / "plot" / "acc.png"
+    assert main(["--run", f"Z2={logs['Z2']}", "--run", f"R4={logs['R4']}", "--output", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+@pytest.mark.parametrize("content, match", [("{not json\n", "not JSON"), ('{"epoch": 1}\n', "'val_acc'"),
+                                             ("", "no epoch records")])
+def test_plot_rejects_malformed_logs(tmp_path, capsys, content, match):
+    from training.plot import main
+
+    path = tmp_path / "m.jsonl"
+    path.write_text(content)
+    assert main(["--run", f"A={path}", "--output", str(tmp_path / "a.png")]) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "a.png").exists()

@@ -153,3 +153,24 @@ def test_scheduler_steps_per_optimizer_step(data, tmp_path):
     assert trainer.scheduler.last_epoch == trainer.global_step == 2
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * lr_lambda(trainer.config.schedule, 1, 2)(2))
     assert trainer.history[1]["lr"] == pytest.approx(1e-2 * lr_lambda(trainer.config.schedule, 1, 2)(1))
+
+
+@pytest.mark.parametrize("form", ["paper", "aligned"])
+def test_bf16_autocast_step_runs_attention_in_float32(form):
+    """Under autocast the projections run in bf16 but the attention kernel (scores, softmax, the
+    hand-written backward) must run in float32: mixed dtypes used to raise inside it on CUDA."""
+    torch.manual_seed(0)
+    model = create_model("gsa_tiny_r4", form=form, **DROPOUT)
+    x, y = torch.rand(4, 1, 16, 16), torch.randint(0, 10, (4,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x).float()
+    assert (low - ref).abs().max() < 0.05 * ref.abs().max()
