@@ -20,6 +20,9 @@ import pytest
 
 from service.settings import BatchingSettings, Settings
 
+# slide and patch scoring fixtures (session-scoped, so registered here once)
+from scoring_fixtures import path_model, path_model_repo, synthetic_slides  # noqa: E402,F401
+
 TINY = "gsa_tiny"
 
 

@@ -1,0 +1,140 @@
+"""``python -m service.score``: score a whole slide or a patch set from the command line, with the
+engine the service's jobs use (no torch).
+
+    python -m service.score slide SLIDE --model NAME [--version V] --out DIR [--stride 96 | --overlap 0.5]
+    python -m service.score patches SOURCE --model NAME --out DIR [--fit crop] [--labels y.h5]
+
+Exit status: 0 done, 2 bad input (the message says what), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+from service.scoring.errors import ScoringError
+from service.scoring.patches import PatchOptions, score_patches
+from service.scoring.slides import SlideOptions, score_slide
+from service.settings import Settings
+
+__all__ = ["main", "load_model", "ProgressBar"]
+
+log = logging.getLogger("service.score")
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr (a plain line per 10% when stderr is not a terminal)."""
+
+    def __init__(self, what: str, stream=None, width: int = 30):
+        self.what, self.stream, self.width = what, stream or sys.stderr, width
+        self.t0 = time.perf_counter()
+        self._last = -1.0
+        self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        frac = done / total if total else 1.0
+        if not self._tty and frac < 1 and frac - self._last < 0.1:
+            return
+        self._last = frac
+        elapsed = time.perf_counter() - self.t0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        bar = "#" * int(frac * self.width)
+        line = f"{self.what} [{bar:<{self.width}}] {done}/{total} {frac:6.1%} {rate:7.1f}/s"
+        self.stream.write(("\r" + line) if self._tty else line + "\n")
+        if self._tty and done >= total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def load_model(model_dir: Path, name: str, version: str | None, threads: int = 0):
+    """Load one version from the model repository (card and sha256 checked) as an OnnxModel."""
+    from service.repository import ModelRepository
+
+    repo = ModelRepository(model_dir)
+    repo.scan()
+    from service.errors import ServiceError
+
+    try:
+        mv = repo.find(name, version)
+    except ServiceError as exc:
+        raise ScoringError(f"{exc.message} in {model_dir}") from None
+    settings = Settings(model_dir=model_dir, device="cpu", warmup=False, intra_op_threads=threads)
+    if not repo.load(mv, settings):
+        raise ScoringError(f"model {mv.name}/{mv.version} cannot be loaded: {mv.reason}")
+    return mv.model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m service.score", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", required=True, help="model name in the repository")
+    common.add_argument("--version", default=None, help="model version (default: the newest)")
+    common.add_argument("--model-dir", type=Path, default=Path("models"), help="model repository (default: models)")
+    common.add_argument("--out", type=Path, required=True, help="folder for the result files")
+    common.add_argument("--batch-size", type=int, default=32)
+    common.add_argument("--readers", type=int, default=1, help="reader threads")
+    common.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)")
+    common.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("slide", parents=[common], help="score a whole slide")
+    s.add_argument("path", type=Path, help="slide (SVS, NDPI, MRXS, tiled TIFF, ... or PNG/JPEG/TIFF)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--stride", type=int, default=None, help="model pixels between tiles (default: tile size)")
+    g.add_argument("--overlap", type=float, default=None, help="fraction of a tile shared with its neighbour")
+    s.add_argument("--min-tissue", type=float, default=0.5, help="tissue fraction a tile needs (default 0.5)")
+    s.add_argument("--tissue", choices=("otsu", "none"), default="otsu")
+    s.add_argument("--slide-mpp", type=float, default=None, help="slide resolution when the file lacks one")
+    s.add_argument("--heatmap-label", default=None, help="label drawn in heatmap.png (default: the last)")
+
+    q = sub.add_parser("patches", parents=[common], help="score a patch set")
+    q.add_argument("path", type=Path, help="PCam .h5, ImageFolder tree, folder of images, .npy or .npz")
+    q.add_argument("--labels", default=None, help="labels file (.h5 / .npy) when not found beside the patches")
+    q.add_argument("--fit", choices=("error", "resize", "crop"), default="error",
+                   help="patches of another size than the model's input")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cancel = threading.Event()
+    progress = None if args.quiet else ProgressBar(args.command)
+    try:
+        model = load_model(args.model_dir, args.model, args.version, args.threads)
+        if args.command == "slide":
+            options = SlideOptions(
+                stride=args.stride, overlap=args.overlap, min_tissue=args.min_tissue, tissue=args.tissue,
+                slide_mpp=args.slide_mpp, heatmap_label=args.heatmap_label, batch_size=args.batch_size,
+                readers=args.readers,
+            )
+            meta = score_slide(model, args.path, args.out, options, progress=progress, cancel=cancel)
+            counts = meta["counts"]
+            print(f"{counts['scored_tiles']} of {counts['grid_tiles']} tiles scored "
+                  f"({counts['skipped_tiles']} without tissue) in {meta['timing']['total_s']:.1f} s -> {args.out}")
+        else:
+            options = PatchOptions(fit=args.fit, labels_path=args.labels, batch_size=args.batch_size,
+                                   readers=args.readers)
+            meta = score_patches(model, args.path, args.out, options, progress=progress, cancel=cancel)
+            print(f"{meta['counts']['scored']} patches scored in {meta['timing']['total_s']:.1f} s -> {args.out}")
+            if meta["summary"]:
+                s = meta["summary"]
+                print(json.dumps({k: s[k] for k in ("count", "accuracy", "roc_auc")}))
+    except ScoringError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        cancel.set()
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Reading overlapped with inference: reader threads load batches ahead (at most ``prefetch`` at a
+time, which bounds memory) while the calling thread runs the model on the oldest one."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
+
+import numpy as np
+
+from service.card import ModelCard
+from service.scoring.errors import Cancelled
+
+__all__ = ["ScoringModel", "PipelineStats", "run_pipeline", "batched"]
+
+Spec = TypeVar("Spec")
+
+
+class ScoringModel(Protocol):
+    """What the engine needs of a model: its card and a run (``service.inference.OnnxModel`` fits)."""
+
+    card: ModelCard
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+@dataclass
+class PipelineStats:
+    images: int = 0
+    batches: int = 0
+    wall_s: float = 0.0
+    model_s: float = 0.0  # time inside model.run
+    wait_s: float = 0.0  # time the model waited for readers
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        rate = self.images / self.wall_s if self.wall_s > 0 else None
+        return {"images": self.images, "batches": self.batches, "wall_s": round(self.wall_s, 3),
+                "model_s": round(self.model_s, 3), "reader_wait_s": round(self.wait_s, 3), "images_per_s": rate}
+
+
+def batched(items: Sequence, size: int) -> Iterator[Sequence]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def run_pipeline(
+    model: ScoringModel,
+    specs: Iterable[Spec],
+    load: Callable[[Spec], np.ndarray],
+    consume: Callable[[Spec, dict[str, np.ndarray]], None],
+    *,
+    readers: int = 1,
+    prefetch: int = 4,
+    cancel: threading.Event | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> PipelineStats:
+    """For each batch spec in order: ``load`` it (in a reader thread), run the model, ``consume`` the
+    outputs. ``progress`` gets the number of images just done. Reader errors surface here.
+
+    Raises:
+        Cancelled: ``cancel`` was set (checked between batches).
+    """
+    stats = PipelineStats()
+    t0 = time.perf_counter()
+    it = iter(specs)
+    pending: deque[tuple[Spec, Future]] = deque()
+    with ThreadPoolExecutor(max(1, readers), thread_name_prefix="score-reader") as pool:
+        def submit() -> None:
+            for spec in it:
+                pending.append((spec, pool.submit(load, spec)))
+                return
+
+        try:
+            for _ in range(max(1, prefetch)):
+                submit()
+            while pending:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("cancelled")
+                spec, future = pending.popleft()
+                tw = time.perf_counter()
+                images = future.result()
+                stats.wait_s += time.perf_counter() - tw
+                submit()
+                tm = time.perf_counter()
+                outputs = model.run(images)
+                stats.model_s += time.perf_counter() - tm
+                consume(spec, outputs)
+                stats.images += len(images)
+                stats.batches += 1
+                if progress is not None:
+                    progress(len(images))
+        finally:
+            for _, future in pending:
+                future.cancel()
+    stats.wall_s = time.perf_counter() - t0
+    return stats

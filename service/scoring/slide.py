@@ -1,0 +1,148 @@
+"""Opening slides: any format OpenSlide reads (SVS, NDPI, MRXS, tiled TIFF, ...) through
+openslide-python, and plain PNG/JPEG/TIFF images through Pillow.
+
+Every read returns RGB uint8; OpenSlide's transparent pixels (outside the scanned area, or outside
+the image) become white, which the tissue detector sees as background.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import openslide
+from PIL import Image, UnidentifiedImageError
+
+from service.scoring.errors import CorruptInput, InputNotFound, UnsupportedFormat
+
+__all__ = ["Slide", "open_slide", "rgba_to_rgb"]
+
+log = logging.getLogger(__name__)
+
+_PLAIN_FORMATS = ("PNG", "JPEG", "TIFF")
+DEFAULT_MAX_PLAIN_PIXELS = 12_000 * 12_000  # plain images are decoded whole (below Pillow's own bomb limit)
+
+
+@dataclass
+class Slide:
+    """An open slide. ``mpp`` is micrometres per level-0 pixel (None when the file does not say)."""
+
+    path: Path
+    handle: openslide.AbstractSlide
+    format: str
+    mpp: float | None
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.handle.dimensions
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return tuple(self.handle.level_downsamples)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return tuple(self.handle.level_dimensions)
+
+    def read(self, x0: int, y0: int, level: int, width: int, height: int) -> np.ndarray:
+        """``[height, width, 3]`` uint8 from ``level``, top-left corner at level-0 ``(x0, y0)``."""
+        try:
+            region = self.handle.read_region((int(x0), int(y0)), int(level), (int(width), int(height)))
+        except openslide.OpenSlideError as exc:
+            raise CorruptInput(
+                f"could not read {width}x{height} pixels at ({x0}, {y0}), level {level} of {self.path.name}: {exc}"
+            ) from None
+        return rgba_to_rgb(np.asarray(region))
+
+    def close(self) -> None:
+        self.handle.close()
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
+    """Composite (non-premultiplied) RGBA onto white."""
+    alpha = rgba[..., 3:4]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgba[..., :3])
+    a = alpha.astype(np.uint16)
+    rgb = (rgba[..., :3].astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+    return rgb.astype(np.uint8)
+
+
+def open_slide(path: str | Path, max_plain_pixels: int = DEFAULT_MAX_PLAIN_PIXELS) -> Slide:
+    """Open ``path`` with OpenSlide when it recognises the format, else as a plain image.
+
+    Raises:
+        InputNotFound, UnsupportedFormat, CorruptInput: with a message naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFound(f"slide {path} does not exist or is not a file")
+    try:
+        vendor = openslide.OpenSlide.detect_format(str(path))
+    except (openslide.OpenSlideError, OSError):
+        vendor = None
+    if vendor is not None:
+        try:
+            handle = openslide.OpenSlide(str(path))
+        except (openslide.OpenSlideError, OSError) as exc:
+            raise CorruptInput(f"{path.name} looks like a {vendor} slide but OpenSlide cannot open it: {exc}") from None
+        return Slide(path, handle, vendor, _openslide_mpp(handle))
+    return _open_plain(path, max_plain_pixels)
+
+
+def _openslide_mpp(handle: openslide.OpenSlide) -> float | None:
+    props = handle.properties
+    try:
+        mpp_x = float(props[openslide.PROPERTY_NAME_MPP_X])
+        mpp_y = float(props[openslide.PROPERTY_NAME_MPP_Y])
+    except (KeyError, ValueError):
+        return None
+    if not (mpp_x > 0 and mpp_y > 0):
+        return None
+    if abs(mpp_x - mpp_y) > 0.01 * mpp_x:
+        log.warning("slide pixels are not square (%g x %g um); using the mean", mpp_x, mpp_y)
+    return (mpp_x + mpp_y) / 2
+
+
+def _open_plain(path: Path, max_pixels: int) -> Slide:
+    """A PNG/JPEG/TIFF that OpenSlide does not read: decoded whole (these formats have no tiles to
+    stream), so its size is bounded by ``max_pixels``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path, formats=_PLAIN_FORMATS)
+    except UnidentifiedImageError:
+        raise UnsupportedFormat(
+            f"{path.name} is neither a slide OpenSlide reads (SVS, NDPI, MRXS, SCN, tiled TIFF, ...) "
+            "nor a PNG, JPEG or TIFF image"
+        ) from None
+    except Image.DecompressionBombError:
+        raise CorruptInput(f"{path.name} is too large to decode as a plain image") from None
+    except OSError as exc:
+        raise CorruptInput(f"{path.name} cannot be read: {exc}") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        img.close()
+        raise UnsupportedFormat(
+            f"{path.name} is a plain {img.format} of {width}x{height} pixels, over the limit of {max_pixels} "
+            "for images that must be decoded whole; convert it to a tiled pyramidal TIFF"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            rgb = img.convert("RGB")
+            rgb.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise CorruptInput(f"{path.name} could not be decoded: {exc}") from None
+    finally:
+        img.close()
+    return Slide(path, openslide.ImageSlide(rgb), f"plain-{(img.format or 'image').lower()}", None)

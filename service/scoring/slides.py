@@ -1,0 +1,226 @@
+"""Whole-slide scoring: tissue mask, tile grid at the model's resolution, streamed tiles, and the
+result files (``tiles.csv``, ``tiles.geojson``, ``heatmap.npy``, ``heatmap.png``, ``metadata.json``)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+from service import __version__
+from service.scoring.errors import BadParameter, NoTissue
+from service.scoring.outputs import GeoJSONWriter, atomic_open, csv_writer, heatmap_png, write_json, write_npy
+from service.scoring.pipeline import ScoringModel, batched, run_pipeline
+from service.scoring.slide import DEFAULT_MAX_PLAIN_PIXELS, Slide, open_slide
+from service.scoring.tiling import TilePlan, plan_tiles
+from service.scoring.tissue import TissueMask, detect_tissue
+
+__all__ = ["SlideOptions", "SLIDE_RESULTS", "score_slide", "model_info"]
+
+log = logging.getLogger(__name__)
+
+SLIDE_RESULTS = ("tiles.csv", "tiles.geojson", "heatmap.npy", "heatmap.png", "metadata.json")
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class SlideOptions:
+    """How to tile and score a slide (every field has a default; jobs and the CLI set them by name)."""
+
+    stride: int | None = None  # model pixels between tile origins; default: the tile size (no overlap)
+    overlap: float | None = None  # alternative to stride: fraction of a tile shared with the next one
+    min_tissue: float = 0.5  # fraction of a tile's area that must be tissue for it to be scored
+    tissue: str = "otsu"  # "otsu" (saturation) or "none" (score every tile)
+    mask_size: int = 1024  # longest side of the thumbnail the mask is computed on
+    min_saturation: float = 15.0  # floor on the Otsu threshold (0..255): blank slides find no tissue
+    slide_mpp: float | None = None  # override (or supply) the slide's micrometres per pixel
+    tolerance: float = 0.02  # relative scale difference below which a level is read without resampling
+    batch_size: int = 32
+    readers: int = 1  # reader threads
+    prefetch: int = 4  # batches read ahead of the model
+    heatmap_label: str | None = None  # label drawn in heatmap.png; default: the last one
+    max_plain_pixels: int = DEFAULT_MAX_PLAIN_PIXELS
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SlideOptions":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise BadParameter(f"unknown slide options {unknown} (known: {sorted(known)})")
+        return cls(**data).checked()
+
+    def checked(self) -> "SlideOptions":
+        if self.stride is not None and self.overlap is not None:
+            raise BadParameter("give stride or overlap, not both")
+        if self.overlap is not None and not 0 <= self.overlap < 1:
+            raise BadParameter(f"overlap must be in [0, 1), got {self.overlap}")
+        if not 0 <= self.min_tissue <= 1:
+            raise BadParameter(f"min_tissue must be in [0, 1], got {self.min_tissue}")
+        if self.tissue not in ("otsu", "none"):
+            raise BadParameter(f"tissue must be 'otsu' or 'none', got {self.tissue!r}")
+        for name in ("batch_size", "readers", "prefetch", "mask_size"):
+            if getattr(self, name) < 1:
+                raise BadParameter(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.slide_mpp is not None and not self.slide_mpp > 0:
+            raise BadParameter(f"slide_mpp must be positive, got {self.slide_mpp}")
+        return self
+
+    def stride_for(self, tile: int) -> int:
+        if self.overlap is not None:
+            return max(1, int(round(tile * (1 - self.overlap))))
+        return self.stride or tile
+
+
+def model_info(model: ScoringModel) -> dict[str, Any]:
+    card = model.card
+    return {"name": card.name, "version": card.version, "sha256": card.sha256, "mpp": card.mpp,
+            "labels": list(card.labels), "input": [card.height, card.width, card.channels],
+            "group": {"name": card.group_name, "elements": [e.as_dict() for e in card.elements]}}
+
+
+def _select_tiles(plan: TilePlan, mask: TissueMask, min_tissue: float) -> tuple[np.ndarray, np.ndarray]:
+    """(col, row) int32 ``[n, 2]`` of the tiles to score, row-major, and their tissue fractions."""
+    side = plan.tile_level0
+    keep, fracs = [], []
+    for row in range(plan.rows):
+        for col in range(plan.cols):
+            x, y = plan.origin(col, row)
+            frac = mask.fraction(x, y, side, side) if mask.method != "none" else 1.0
+            if frac >= min_tissue and frac > 0:
+                keep.append((col, row))
+                fracs.append(frac)
+    return np.array(keep, np.int32).reshape(-1, 2), np.array(fracs, np.float32)
+
+
+def _tile_loader(slide: Slide, plan: TilePlan, grid: np.ndarray, channels: int) -> Callable[[range], np.ndarray]:
+    def load(idx: range) -> np.ndarray:
+        batch = np.empty((len(idx), plan.tile, plan.tile, channels), np.uint8)
+        for j, i in enumerate(idx):
+            x, y = plan.origin(*grid[i])
+            region = slide.read(x, y, plan.level, plan.read_size, plan.read_size)
+            if plan.resample:
+                region = np.asarray(Image.fromarray(region).resize((plan.tile, plan.tile), Image.Resampling.BILINEAR))
+            batch[j] = region
+        return batch
+
+    return load
+
+
+def score_slide(
+    model: ScoringModel,
+    path: str | Path,
+    out_dir: str | Path,
+    options: SlideOptions | None = None,
+    *,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+) -> dict[str, Any]:
+    """Score every tissue tile of the slide at ``path``; write the result files to ``out_dir`` and
+    return the run metadata (also written as ``metadata.json``).
+
+    Raises:
+        ScoringError subclasses: unreadable or unsupported slide, no resolution, no tissue, cancelled.
+    """
+    options = (options or SlideOptions()).checked()
+    card = model.card
+    if card.channels != 3:
+        raise BadParameter(f"model '{card.name}' takes {card.channels}-channel images; slides need an RGB model")
+    if card.height != card.width:
+        raise BadParameter(f"model '{card.name}' takes {card.width}x{card.height} inputs; tiles are square")
+    if options.heatmap_label is not None and options.heatmap_label not in card.labels:
+        raise BadParameter(f"heatmap_label {options.heatmap_label!r} is not one of the model's labels {list(card.labels)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    with open_slide(path, options.max_plain_pixels) as slide:
+        plan = plan_tiles(slide.dimensions, slide.level_downsamples, options.slide_mpp or slide.mpp, card.mpp,
+                          card.width, options.stride_for(card.width), options.tolerance)
+        if plan.count == 0:
+            raise BadParameter(f"slide {slide.path.name} ({slide.dimensions[0]}x{slide.dimensions[1]} px) is smaller "
+                               f"than one {plan.tile_level0}-pixel tile at the model's resolution")
+        t_mask = time.perf_counter()
+        mask = detect_tissue(slide, options.tissue, options.mask_size, options.min_saturation)
+        grid, fracs = _select_tiles(plan, mask, options.min_tissue)
+        t_mask = time.perf_counter() - t_mask
+        if len(grid) == 0:
+            raise NoTissue(
+                f"no tile of {slide.path.name} has at least {options.min_tissue:.0%} tissue (saturation threshold "
+                f"{mask.threshold:.1f}, {mask.tissue_fraction:.1%} of the thumbnail is tissue); lower min_tissue "
+                "or pass tissue='none'"
+            )
+        n, k = len(grid), card.num_classes
+        probs = np.full((n, k), np.nan, np.float32)
+        orient = np.zeros(n, np.int16)
+        done = 0
+
+        def consume(idx: range, outputs: dict[str, np.ndarray]) -> None:
+            p = outputs["probabilities"]
+            probs[idx.start:idx.stop] = p
+            top = p.argmax(1)
+            orient[idx.start:idx.stop] = outputs["orientation_responses"][np.arange(len(p)), top].argmax(-1)
+
+        def step(count: int) -> None:
+            nonlocal done
+            done += count
+            if progress is not None:
+                progress(done, n)
+
+        if progress is not None:
+            progress(0, n)
+        stats = run_pipeline(
+            model, batched(range(n), options.batch_size), _tile_loader(slide, plan, grid, card.channels), consume,
+            readers=options.readers, prefetch=options.prefetch, cancel=cancel, progress=step,
+        )
+        slide_info = {
+            "path": str(slide.path), "name": slide.path.name, "format": slide.format,
+            "dimensions": list(slide.dimensions), "level_dimensions": [list(d) for d in slide.level_dimensions],
+            "level_downsamples": list(slide.level_downsamples), "mpp": slide.mpp,
+        }
+    t_write = time.perf_counter()
+    _write_slide_results(out_dir, card, plan, mask, grid, fracs, probs, orient, options)
+    meta = {
+        "kind": "slide", "service_version": __version__, "model": model_info(model), "slide": slide_info,
+        "options": asdict(options), "plan": plan.as_dict(),
+        "tissue": {"method": mask.method, "threshold": None if mask.method == "none" else mask.threshold,
+                   "thumbnail_scale": mask.scale, "tissue_fraction": mask.tissue_fraction},
+        "counts": {"grid_tiles": plan.count, "tissue_tiles": n, "scored_tiles": stats.images,
+                   "skipped_tiles": plan.count - n},
+        "timing": {"total_s": round(time.perf_counter() - t_start, 3), "tissue_s": round(t_mask, 3),
+                   "scoring": stats.as_dict(), "writing_s": round(time.perf_counter() - t_write, 3)},
+        "results": list(SLIDE_RESULTS),
+    }
+    write_json(out_dir / "metadata.json", meta)
+    return meta
+
+
+def _write_slide_results(
+    out_dir: Path, card, plan: TilePlan, mask: TissueMask, grid: np.ndarray, fracs: np.ndarray,
+    probs: np.ndarray, orient: np.ndarray, options: SlideOptions,
+) -> None:
+    labels = card.labels
+    side = plan.tile_level0
+    angles = [e.angle for e in card.elements]
+    with atomic_open(out_dir / "tiles.csv", newline="") as f, GeoJSONWriter(out_dir / "tiles.geojson", labels) as geo:
+        w = csv_writer(f)
+        w.writerow(["col", "row", "minx", "miny", "width", "height", "tissue_fraction",
+                    *(f"prob_{name}" for name in labels), "predicted", "dominant_orientation_deg"])
+        for i, (col, row) in enumerate(grid):
+            x, y = plan.origin(col, row)
+            p = probs[i]
+            w.writerow([col, row, x, y, side, side, f"{fracs[i]:.4f}", *(f"{v:.6f}" for v in p),
+                        labels[int(p.argmax())], angles[orient[i]]])
+            geo.add(x, y, side, side, p, {"tissue_fraction": round(float(fracs[i]), 4),
+                                         "dominant_orientation_deg": angles[orient[i]]})
+    heat = np.full((plan.rows, plan.cols, len(labels)), np.nan, np.float32)
+    heat[grid[:, 1], grid[:, 0]] = probs
+    write_npy(out_dir / "heatmap.npy", heat)
+    label = options.heatmap_label or labels[-1]
+    cell = plan.stride * plan.downsample / mask.scale
+    extent = (int(round(plan.cols * cell)), int(round(plan.rows * cell)))
+    heatmap_png(out_dir / "heatmap.png", mask.thumbnail, heat[:, :, labels.index(label)], extent)
