@@ -45,9 +45,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     GSA_HOST=0.0.0.0 \
     GSA_PORT=8000 \
     GSA_MODEL_DIR=/models \
-    GSA_DATA_DIR=/var/lib/gsa \
+    GSA_JOBS_DIR=/var/lib/gsa/jobs \
     GSA_GRACEFUL_SHUTDOWN_S=30
-# /var/lib/gsa holds job data; a fresh named volume mounted there takes this owner
+# /var/lib/gsa holds job data (GSA_JOBS_DIR); a fresh named volume mounted there takes this owner
 RUN useradd --system --user-group --uid 10001 --home-dir /var/lib/gsa --no-create-home \
         --shell /usr/sbin/nologin gsa \
  && install -d -o gsa -g gsa -m 0750 /var/lib/gsa

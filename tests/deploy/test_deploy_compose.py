@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import PurePosixPath
 
 import pytest
 import yaml
@@ -59,10 +60,12 @@ def test_models_read_only_and_job_data_on_a_named_volume(config, name):
     found = {m.target: m for m in mounts(service, config["volumes"])}
     models = found[env["GSA_MODEL_DIR"]]
     assert models.read_only and models.kind == "bind" and models.source.endswith("models")
-    data = found[env["GSA_DATA_DIR"]]
+    jobs = PurePosixPath(env["GSA_JOBS_DIR"])
+    holding = [m for m in found.values() if jobs.is_relative_to(m.target)]
+    assert holding, f"{jobs} is on no volume: job data would die with the container"
+    (data,) = holding
     assert data.kind == "volume" and data.source == "gsa-data" and not data.read_only
     assert "gsa-data" in config["volumes"]
-    assert env["GSA_DATA_DIR"] == "/var/lib/gsa"
 
 
 @pytest.mark.parametrize("name", SERVING)
@@ -93,8 +96,8 @@ def test_every_setting_is_a_service_setting(config, name):
     for key in _environment(config["services"][name]):
         assert key.startswith("GSA_"), key
         field = key[len("GSA_"):].split("__")[0].lower()
-        # GSA_DATA_DIR: the job store's directory, read by the slide-scoring jobs being added
-        assert field in fields or field == "data_dir", f"{key} is no setting of service/settings.py"
+        # jobs_dir: the slide-scoring jobs' setting, being added alongside (service/jobs.py)
+        assert field in fields or field == "jobs_dir", f"{key} is no setting of service/settings.py"
 
 
 def test_settings_are_documented_in_the_readme(config):

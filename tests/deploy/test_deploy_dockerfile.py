@@ -83,6 +83,10 @@ def test_serving_stage(dockerfile):
     env = dockerfile.env("serve")
     assert env["PATH"].startswith("/opt/venv/bin:")
     assert env["GSA_HOST"] == "0.0.0.0" and env["GSA_MODEL_DIR"] == "/models"
+    # the job store sits in a directory the user owns (a fresh named volume there inherits it)
+    (run,) = serve.all("RUN")
+    owned = re.search(r"install -d -o gsa -g gsa -m \d+ (\S+)", run.args).group(1)
+    assert env["GSA_JOBS_DIR"].startswith(owned + "/") and serve.all("WORKDIR")[-1].args == owned
     (expose,) = serve.all("EXPOSE")
     assert expose.args == env["GSA_PORT"]
     models = [c.words() for c in serve.all("COPY") if c.words()[-1].rstrip("/") == "/models"]

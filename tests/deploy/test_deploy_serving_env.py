@@ -79,7 +79,7 @@ def _python(venv: Path) -> str:
 def _outside_repo_env(venv: Path, tmp: Path, **settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GSA_") and k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(OMP_NUM_THREADS="1", GSA_HOST="127.0.0.1", GSA_MODEL_DIR=str(ROOT / "models"),
-               GSA_DATA_DIR=str(tmp / "data"), GSA_INTRA_OP_THREADS="1", GSA_LOG_JSON="true", **settings)
+               GSA_JOBS_DIR=str(tmp / "jobs"), GSA_INTRA_OP_THREADS="1", GSA_LOG_JSON="true", **settings)
     return env
 
 
