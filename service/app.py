@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
@@ -13,10 +14,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
 from service.errors import ServiceError
+from service.jobs import JobManager
 from service.logs import configure_logging
 from service.metrics import ServiceMetrics
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
-from service.routers import health, infer, metrics, models, predict
+from service.routers import health, infer, jobs, metrics, models, predict
 from service.runtime import ModelServer
 from service.settings import Settings, get_settings
 
@@ -30,6 +32,8 @@ DESCRIPTION = """Rotation-equivariant GSA-Net image classifiers on ONNX Runtime.
   (`tritonclient.http`, KServe).
 * `/v1/models/{name}/predict`: images in (PNG, JPEG, TIFF), labels, probabilities and orientation
   responses out.
+* `/v1/jobs/...`: batch scoring jobs for whole slides and patch sets (202 with a job id, progress,
+  result downloads, cancel).
 * `/metrics`: Prometheus.
 
 Every error is `{"error": "..."}` with its HTTP status."""
@@ -38,11 +42,14 @@ Every error is `{"error": "..."}` with its HTTP status."""
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     server: ModelServer = app.state.server
+    job_manager: JobManager = app.state.jobs
     server.start()
+    job_manager.start()
     try:
         yield
     finally:
-        log.info("shutting down: finishing queued requests")
+        log.info("shutting down: interrupting running jobs, finishing queued requests")
+        await asyncio.to_thread(job_manager.stop, app.state.settings.graceful_shutdown_s)
         await server.stop()
 
 
@@ -54,12 +61,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     service_metrics = ServiceMetrics()
     app.state.settings = settings
     app.state.server = ModelServer(settings, service_metrics)
-    for router in (health.router, models.router, infer.router, predict.router, metrics.router):
+    app.state.jobs = _job_manager(settings, app.state.server)
+    for router in (health.router, models.router, infer.router, predict.router, jobs.router, metrics.router):
         app.include_router(router)
     _add_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, large_prefixes=("/v1/jobs",),
+                       large_max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=service_metrics, access_log_enabled=settings.access_log)
     return app
+
+
+def _job_manager(settings: Settings, server: ModelServer) -> JobManager:
+    def resolve_model(name: str, version: str | None):
+        mv = server.repository.get(name, version)  # Unavailable while loading: the job waits
+        assert mv.model is not None
+        return mv.model
+
+    return JobManager(settings.jobs_dir, resolve_model, settings.max_concurrent_jobs, settings.max_queued_jobs,
+                      settings.resume_jobs)
 
 
 def _count(request: Request, outcome: str) -> None:

@@ -7,7 +7,9 @@ __all__ = [
     "ServiceError",
     "BadRequest",
     "Unprocessable",
+    "Forbidden",
     "NotFound",
+    "Conflict",
     "ModelNotReady",
     "PayloadTooLarge",
     "UnsupportedMediaType",
@@ -41,9 +43,23 @@ class Unprocessable(ServiceError):
     outcome = "bad_request"
 
 
+class Forbidden(ServiceError):
+    """A path outside the directory the service may read, or a feature that is switched off."""
+
+    status = 403
+    outcome = "forbidden"
+
+
 class NotFound(ServiceError):
     status = 404
     outcome = "not_found"
+
+
+class Conflict(ServiceError):
+    """The resource is not in a state that allows the request (results of an unfinished job)."""
+
+    status = 409
+    outcome = "conflict"
 
 
 class ModelNotReady(ServiceError):

@@ -72,19 +72,24 @@ class RequestContextMiddleware:
 
 class BodyLimitMiddleware:
     """Answers 413 for a declared Content-Length over ``max_bytes``, and stops a chunked body that
-    grows past it (the endpoint reading it gets :class:`PayloadTooLarge`)."""
+    grows past it (the endpoint reading it gets :class:`PayloadTooLarge`). Paths under one of
+    ``large_prefixes`` (slide uploads) get ``large_max_bytes`` instead."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, large_prefixes: tuple[str, ...] = (), large_max_bytes: int = 0):
         self.app = app
         self.max_bytes = max_bytes
+        self.large_prefixes = large_prefixes
+        self.large_max_bytes = max(large_max_bytes, max_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        large = any(scope["path"].startswith(prefix) for prefix in self.large_prefixes)
+        limit = self.large_max_bytes if large else self.max_bytes
         declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            body = json.dumps({"error": f"request body of {declared} bytes is over the limit of {self.max_bytes}"}).encode()
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            body = json.dumps({"error": f"request body of {declared} bytes is over the limit of {limit}"}).encode()
             await send({"type": "http.response.start", "status": 413, "headers": [
                 (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                 (b"connection", b"close"),
@@ -98,8 +103,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise PayloadTooLarge(f"request body is over the limit of {self.max_bytes} bytes")
+                if received > limit:
+                    raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
             return message
 
         await self.app(scope, limited_receive, send)

@@ -73,6 +73,14 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(4096 * 4096, ge=1)  # decoded width x height of one image
     max_image_side: int = Field(8192, ge=1)  # width or height of one image
 
+    # scoring jobs (slides and patch sets): state and results on disk, one folder per job
+    jobs_dir: Path = Path("jobs")  # created on the first job; mount a volume here to keep jobs across restarts
+    data_dir: Path | None = None  # path submissions must resolve inside it; None: uploads only
+    max_concurrent_jobs: int = Field(1, ge=1)  # jobs running at once
+    max_queued_jobs: int = Field(100, ge=1)  # jobs waiting; beyond it submissions get 429
+    max_upload_bytes: int = Field(4 * 1024**3, ge=1)  # one uploaded slide or patch set; 413 beyond
+    resume_jobs: bool = True  # on start, run again the jobs a stop interrupted (False: mark them failed)
+
     # readiness and logging
     strict_readiness: bool = False  # True: the server is ready only when every model is
     log_level: str = "INFO"

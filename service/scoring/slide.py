@@ -113,6 +113,16 @@ def _openslide_mpp(handle: openslide.OpenSlide) -> float | None:
     return (mpp_x + mpp_y) / 2
 
 
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff", ".dcm"}
+
+
+def _looks_like_slide(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(4)
+    return head in _TIFF_MAGIC or path.suffix.lower() in _SLIDE_SUFFIXES
+
+
 def _open_plain(path: Path, max_pixels: int) -> Slide:
     """A PNG/JPEG/TIFF that OpenSlide does not read: decoded whole (these formats have no tiles to
     stream), so its size is bounded by ``max_pixels``."""
@@ -121,6 +131,11 @@ def _open_plain(path: Path, max_pixels: int) -> Slide:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(path, formats=_PLAIN_FORMATS)
     except UnidentifiedImageError:
+        if _looks_like_slide(path):
+            raise CorruptInput(
+                f"{path.name} looks like a slide (TIFF-based or a slide extension) but neither OpenSlide nor Pillow "
+                "can open it: a damaged or truncated file?"
+            ) from None
         raise UnsupportedFormat(
             f"{path.name} is neither a slide OpenSlide reads (SVS, NDPI, MRXS, SCN, tiled TIFF, ...) "
             "nor a PNG, JPEG or TIFF image"
@@ -142,7 +157,7 @@ def _open_plain(path: Path, max_pixels: int) -> Slide:
             rgb = img.convert("RGB")
             rgb.load()
     except (OSError, SyntaxError, ValueError) as exc:
-        raise CorruptInput(f"{path.name} could not be decoded: {exc}") from None
+        raise CorruptInput(f"{path.name} could not be decoded (a damaged or truncated file?): {exc}") from None
     finally:
         img.close()
     return Slide(path, openslide.ImageSlide(rgb), f"plain-{(img.format or 'image').lower()}", None)

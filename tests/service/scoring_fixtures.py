@@ -70,7 +70,7 @@ def tissue_image(height: int, width: int, seed: int = 0, blank_right: float = 1 
     yy, xx = np.mgrid[0:height, 0:width]
     usable = int(width * (1 - blank_right))
     tissue = np.zeros((height, width), bool)
-    for _ in range(6):
+    for _ in range(6 if usable > 0 else 0):
         cy, cx = rng.integers(0, height), rng.integers(0, usable)
         ry, rx = rng.integers(height // 8, height // 3), rng.integers(usable // 8, usable // 3)
         tissue |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1

@@ -179,3 +179,15 @@ def test_cli_real_svs(path_model_repo, path_model, tmp_path):
     threshold = meta["tissue"]["threshold"]
     assert all((saturation(r) > threshold).mean() > 0.2 for r in regions)
     assert meta["tissue"]["tissue_fraction"] < 0.6 and (saturation(thumb) > threshold).mean() < 0.6
+
+
+def test_cli_bad_input_exit_status(path_model_repo, synthetic_slides, tmp_path, capsys):
+    """A card without mpp and a slide without one: exit status 2 and a message saying what to do."""
+    base = ["--model-dir", str(path_model_repo), "--out", str(tmp_path / "o"), "--threads", "1", "--quiet"]
+    assert score_main(["slide", str(synthetic_slides["slide"]), "--model", "path_nompp", *base]) == 2
+    assert "no resolution ('mpp', micrometres per pixel)" in capsys.readouterr().err
+    assert score_main(["slide", str(synthetic_slides["nompp"]), "--model", PATH_MODEL, *base]) == 2
+    assert "pass slide_mpp" in capsys.readouterr().err
+    # the same slide with its resolution given on the command line scores as the tagged one
+    assert score_main(["slide", str(synthetic_slides["nompp"]), "--model", PATH_MODEL, "--slide-mpp", "0.5", *base]) == 0
+    assert not (tmp_path / "o" / "tiles.csv").read_text() == ""

@@ -1,0 +1,180 @@
+"""Scoring jobs: submit a slide or a patch set (uploaded, or a path inside the data directory), follow
+its progress, download its results, cancel it."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse, JSONResponse
+
+from service.dependencies import ServerDep, SettingsDep
+from service.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, UnsupportedMediaType
+from service.jobs import RESULT_MEDIA_TYPES, Job, JobManager
+from service.settings import Settings
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+_UPLOAD_DOC = {"openapi_extra": {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "required": ["model", "path"], "properties": {
+        "model": {"type": "string"}, "version": {"type": "string"}, "path": {"type": "string"},
+        "options": {"type": "object"}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+}}}, "status_code": 202}
+
+
+def _jobs(request: Request) -> JobManager:
+    return request.app.state.jobs
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    data = job.as_dict()
+    base = f"/v1/jobs/{job.id}"
+    data["links"] = {"self": base, "results": {name: f"{base}/results/{name}" for name in job.results}}
+    return data
+
+
+def resolve_data_path(settings: Settings, given: str) -> Path:
+    """``given`` (relative to the data directory, or absolute) resolved with symlinks followed; it must
+    stay inside the data directory."""
+    if settings.data_dir is None:
+        raise Forbidden("path submissions are disabled: set GSA_DATA_DIR to the folder the service may read; "
+                        "or upload the file")
+    root = Path(settings.data_dir).resolve()
+    if not given or "\x00" in given:
+        raise BadRequest("'path' must be a non-empty path")
+    candidate = Path(given)
+    resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    if not resolved.is_relative_to(root):
+        raise Forbidden(f"path {given!r} is outside the data directory; give a path inside GSA_DATA_DIR")
+    if not resolved.exists():
+        raise NotFound(f"path {given!r} does not exist in the data directory")
+    return resolved
+
+
+def _check_model(server, kind: str, name: str, version: str | None) -> None:
+    """Unknown models are 404 now; a slide job for a loaded model without mpp is 400 now."""
+    mv = server.repository.find(name, version)
+    if kind == "slide" and mv.card is not None and mv.card.mpp is None:
+        raise BadRequest(f"model '{mv.name}' version '{mv.version}' has no resolution ('mpp') in its card, so slides "
+                         "cannot be tiled at its scale; use a pathology model exported with --mpp")
+
+
+async def _save_upload(request: Request, dest: Path, limit: int) -> None:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"upload of {declared} bytes is over the limit of {limit} (GSA_MAX_UPLOAD_BYTES)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    size = 0
+    with dest.open("wb") as f:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"upload is over the limit of {limit} bytes (GSA_MAX_UPLOAD_BYTES)")
+            f.write(chunk)
+    if size == 0:
+        raise BadRequest("the upload is empty")
+
+
+async def _submit(request: Request, server, settings: Settings, kind: str, model: str | None, version: str | None,
+                  filename: str | None, options: str | None) -> JSONResponse:
+    jobs = _jobs(request)
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type == "application/json":
+        try:
+            body = json.loads(await request.body())
+        except json.JSONDecodeError as exc:
+            raise BadRequest(f"request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str) or not isinstance(body.get("path"), str):
+            raise BadRequest('expected {"model": "...", "path": "...", "version": optional, "options": {...}}')
+        opts = body.get("options") or {}
+        if not isinstance(opts, dict):
+            raise BadRequest("'options' must be an object")
+        _check_model(server, kind, body["model"], body.get("version"))
+        path = resolve_data_path(settings, body["path"])
+        job = jobs.submit(kind, body["model"], body.get("version"), path, False, opts)
+    elif media_type in ("application/octet-stream", "image/tiff", "image/png", "image/jpeg", "application/x-hdf5",
+                        "application/x-hdf"):
+        if not model:
+            raise BadRequest("uploads name the model in the query: ?model=NAME[&version=V][&filename=F][&options=JSON]")
+        try:
+            opts = json.loads(options) if options else {}
+        except json.JSONDecodeError as exc:
+            raise BadRequest(f"'options' is not valid JSON: {exc}") from None
+        if not isinstance(opts, dict):
+            raise BadRequest("'options' must be a JSON object")
+        _check_model(server, kind, model, version)
+        job_id = jobs.new_id()
+        name = _SAFE_NAME.sub("_", Path(filename or "upload").name).strip("._") or "upload"
+        dest = jobs.input_dir(job_id) / name
+        try:
+            await _save_upload(request, dest, settings.max_upload_bytes)
+            job = jobs.submit(kind, model, version, dest, True, opts, job_id=job_id)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(jobs.root / job_id, ignore_errors=True)
+            raise
+    else:
+        raise UnsupportedMediaType(f"unsupported content type {media_type or '(none)'!r}: send JSON naming a path "
+                                   "in the data directory, or the file itself as application/octet-stream")
+    return JSONResponse(job_view(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+ModelQuery = Query(None, description="model name (uploads)")
+VersionQuery = Query(None, description="model version (uploads; default the newest)")
+FilenameQuery = Query(None, description="name of the uploaded file (its extension tells the format)")
+OptionsQuery = Query(None, description="scoring options as a JSON object (uploads)")
+
+
+@router.post("/slides", **_UPLOAD_DOC)
+async def submit_slide(
+    request: Request, server: ServerDep, settings: SettingsDep, model: str | None = ModelQuery,
+    version: str | None = VersionQuery, filename: str | None = FilenameQuery, options: str | None = OptionsQuery,
+) -> JSONResponse:
+    """Queue a whole-slide scoring job (202 with the job)."""
+    return await _submit(request, server, settings, "slide", model, version, filename, options)
+
+
+@router.post("/patches", **_UPLOAD_DOC)
+async def submit_patches(
+    request: Request, server: ServerDep, settings: SettingsDep, model: str | None = ModelQuery,
+    version: str | None = VersionQuery, filename: str | None = FilenameQuery, options: str | None = OptionsQuery,
+) -> JSONResponse:
+    """Queue a patch-set scoring job (202 with the job)."""
+    return await _submit(request, server, settings, "patches", model, version, filename, options)
+
+
+@router.get("")
+async def list_jobs(request: Request) -> JSONResponse:
+    """Every job, oldest first."""
+    return JSONResponse({"jobs": [job_view(j) for j in _jobs(request).list()]})
+
+
+@router.get("/{job_id}")
+async def get_job(job_id: str, request: Request) -> JSONResponse:
+    """A job's state and progress (tiles or patches done and total)."""
+    return JSONResponse(job_view(_jobs(request).get(job_id)))
+
+
+@router.delete("/{job_id}")
+async def delete_job(job_id: str, request: Request) -> JSONResponse:
+    """Cancel a queued or running job; forget a finished one and delete its files."""
+    jobs = _jobs(request)
+    job = jobs.get(job_id)
+    if job.state.finished:
+        jobs.delete(job_id)
+        return JSONResponse({"id": job_id, "deleted": True})
+    return JSONResponse(job_view(jobs.cancel(job_id)), status_code=202)
+
+
+@router.get("/{job_id}/results/{name}")
+async def get_result(job_id: str, name: str, request: Request) -> FileResponse:
+    """Download one result file of a finished job."""
+    path = _jobs(request).result_path(job_id, name)
+    return FileResponse(path, media_type=RESULT_MEDIA_TYPES.get(path.suffix, "application/octet-stream"),
+                        filename=f"{job_id[:8]}-{name}")
