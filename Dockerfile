@@ -48,8 +48,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     GSA_JOBS_DIR=/var/lib/gsa/jobs \
     GSA_GRACEFUL_SHUTDOWN_S=30
 # /var/lib/gsa holds job data (GSA_JOBS_DIR); a fresh named volume mounted there takes this owner
-RUN useradd --system --user-group --uid 10001 --home-dir /var/lib/gsa --no-create-home \
-        --shell /usr/sbin/nologin gsa \
+RUN groupadd --gid 10001 gsa \
+ && useradd --uid 10001 --gid gsa --home-dir /var/lib/gsa --no-create-home --shell /usr/sbin/nologin gsa \
  && install -d -o gsa -g gsa -m 0750 /var/lib/gsa
 COPY --from=build /opt/venv /opt/venv
 COPY --chmod=0755 deploy/healthcheck.py /usr/local/bin/gsa-healthcheck

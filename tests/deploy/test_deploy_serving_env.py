@@ -188,7 +188,7 @@ def test_graceful_shutdown_setting_bounds_the_drain(serving_venv, tmp_path):
     the compose stop grace period must exceed it, and the setting the request timeout)."""
     proc, url = _start(serving_venv, tmp_path, GSA_GRACEFUL_SHUTDOWN_S="0.2")
     try:
-        thread, result = _infer_in_background(url, 96)  # three batches of 32, about 4 s here
+        thread, result = _infer_in_background(url, 64)  # two batches of 32, about 2.5 s here
         proc.send_signal(signal.SIGTERM)
         thread.join(60)
         out = proc.communicate(timeout=60)[0].decode()
