@@ -192,6 +192,9 @@ def _response_error_45(name: str, **overrides) -> float:
     """Relative error of the orientation responses after a 45 degree rotation of the input,
     against the responses shifted by the 45 degree element (unshifted for Z2)."""
     torch.manual_seed(0)
+    # Without the final LayerNorm: at random init it rescales each position's features and
+    # drowns the difference the layers make (with it: Z2 6.5%, R8 6.1%, R16 aligned 6.2%).
+    overrides = {"final_norm": False, **overrides}
     model = _amplify_encodings(create_model(name, **overrides).eval(), 10.0)
     group = model.group
     x = _smooth_disc_images(4, model.config.img_size)
@@ -204,7 +207,7 @@ def _response_error_45(name: str, **overrides) -> float:
 
 
 # name, overrides, bound. R16 runs in the aligned form: the paper form costs minutes here.
-# Measured on this machine (seeded): Z2 7.6%, R8 3.3%, R16 (aligned) 5.2%.
+# Measured on this machine (seeded, no final norm): Z2 7.6%, R8 3.3%, R16 (aligned) 5.2%.
 CASES_45 = [("gsa_rotmnist_r8", {}, 0.05, 0.6), ("gsa_rotmnist_r16", {"form": "aligned"}, 0.08, 0.9)]
 
 
