@@ -96,8 +96,7 @@ def test_every_setting_is_a_service_setting(config, name):
     for key in _environment(config["services"][name]):
         assert key.startswith("GSA_"), key
         field = key[len("GSA_"):].split("__")[0].lower()
-        # jobs_dir: the slide-scoring jobs' setting, being added alongside (service/jobs.py)
-        assert field in fields or field == "jobs_dir", f"{key} is no setting of service/settings.py"
+        assert field in fields, f"{key} is no setting of service/settings.py"
 
 
 def test_settings_are_documented_in_the_readme(config):
