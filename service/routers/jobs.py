@@ -56,6 +56,15 @@ def resolve_data_path(settings: Settings, given: str) -> Path:
     return resolved
 
 
+def _check_options(settings: Settings, kind: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Options a client may not set, and paths in options held to the data directory."""
+    if "max_plain_pixels" in options:
+        raise BadRequest("'max_plain_pixels' is a server limit, not a job option")
+    if kind == "patches" and options.get("labels_path") is not None:
+        options = {**options, "labels_path": str(resolve_data_path(settings, str(options["labels_path"])))}
+    return options
+
+
 def _check_model(server, kind: str, name: str, version: str | None) -> None:
     """Unknown models are 404 now; a slide job for a loaded model without mpp is 400 now."""
     mv = server.repository.find(name, version)
@@ -96,6 +105,7 @@ async def _submit(request: Request, server, settings: Settings, kind: str, model
             raise BadRequest("'options' must be an object")
         _check_model(server, kind, body["model"], body.get("version"))
         path = resolve_data_path(settings, body["path"])
+        opts = _check_options(settings, kind, opts)
         job = jobs.submit(kind, body["model"], body.get("version"), path, False, opts)
     elif media_type in ("application/octet-stream", "image/tiff", "image/png", "image/jpeg", "application/x-hdf5",
                         "application/x-hdf"):
@@ -108,6 +118,7 @@ async def _submit(request: Request, server, settings: Settings, kind: str, model
         if not isinstance(opts, dict):
             raise BadRequest("'options' must be a JSON object")
         _check_model(server, kind, model, version)
+        opts = _check_options(settings, kind, opts)
         job_id = jobs.new_id()
         name = _SAFE_NAME.sub("_", Path(filename or "upload").name).strip("._") or "upload"
         dest = jobs.input_dir(job_id) / name

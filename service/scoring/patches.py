@@ -27,6 +27,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 PATCH_RESULTS = ("patches.csv", "summary.json", "metadata.json")
 
 
+_MAX = {"batch_size": 1024, "readers": 16, "prefetch": 64, "mask_size": 8192}  # bounds memory and threads
+
+
 @dataclass
 class PatchOptions:
     fit: str = "error"  # patches of another size: "error", "resize" (bilinear) or "crop" (centre crop)
@@ -47,8 +50,8 @@ class PatchOptions:
         if self.fit not in ("error", "resize", "crop"):
             raise BadParameter(f"fit must be 'error', 'resize' or 'crop', got {self.fit!r}")
         for name in ("batch_size", "readers", "prefetch"):
-            if getattr(self, name) < 1:
-                raise BadParameter(f"{name} must be at least 1, got {getattr(self, name)}")
+            if not 1 <= getattr(self, name) <= _MAX[name]:
+                raise BadParameter(f"{name} must be in 1..{_MAX[name]}, got {getattr(self, name)}")
         return self
 
 

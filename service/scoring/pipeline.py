@@ -1,5 +1,6 @@
-"""Reading overlapped with inference: reader threads load batches ahead (at most ``prefetch`` at a
-time, which bounds memory) while the calling thread runs the model on the oldest one."""
+"""Reading overlapped with inference: reader threads load batches ahead (``prefetch`` of them, so
+memory holds at most ``prefetch + 1`` batches of pixels) while the calling thread runs the model on
+the oldest one."""
 
 from __future__ import annotations
 

@@ -25,8 +25,12 @@ __all__ = ["SlideOptions", "SLIDE_RESULTS", "score_slide", "model_info"]
 
 log = logging.getLogger(__name__)
 
+_BLOCK_READ_PX = 1024  # tiles are read in square blocks of about this many level pixels
 SLIDE_RESULTS = ("tiles.csv", "tiles.geojson", "heatmap.npy", "heatmap.png", "metadata.json")
 Progress = Callable[[int, int], None]
+
+
+_MAX = {"batch_size": 1024, "readers": 16, "prefetch": 64, "mask_size": 8192}  # bounds memory and threads
 
 
 @dataclass
@@ -65,8 +69,8 @@ class SlideOptions:
         if self.tissue not in ("otsu", "none"):
             raise BadParameter(f"tissue must be 'otsu' or 'none', got {self.tissue!r}")
         for name in ("batch_size", "readers", "prefetch", "mask_size"):
-            if getattr(self, name) < 1:
-                raise BadParameter(f"{name} must be at least 1, got {getattr(self, name)}")
+            if not 1 <= getattr(self, name) <= _MAX[name]:
+                raise BadParameter(f"{name} must be in 1..{_MAX[name]}, got {getattr(self, name)}")
         if self.slide_mpp is not None and not self.slide_mpp > 0:
             raise BadParameter(f"slide_mpp must be positive, got {self.slide_mpp}")
         return self
@@ -85,17 +89,22 @@ def model_info(model: ScoringModel) -> dict[str, Any]:
 
 
 def _select_tiles(plan: TilePlan, mask: TissueMask, min_tissue: float) -> tuple[np.ndarray, np.ndarray]:
-    """(col, row) int32 ``[n, 2]`` of the tiles to score, row-major, and their tissue fractions."""
+    """(col, row) int32 ``[n, 2]`` of the tiles to score and their tissue fractions, in blocks of
+    about ``_BLOCK_READ_PX`` level pixels a side (row-major within and across blocks), so that
+    OpenSlide's tile cache serves neighbouring tiles however wide the slide."""
+    step = plan.stride * plan.downsample
+    xs = np.rint(np.arange(plan.cols) * step)  # as TilePlan.origin
+    ys = np.rint(np.arange(plan.rows) * step)
     side = plan.tile_level0
-    keep, fracs = [], []
-    for row in range(plan.rows):
-        for col in range(plan.cols):
-            x, y = plan.origin(col, row)
-            frac = mask.fraction(x, y, side, side) if mask.method != "none" else 1.0
-            if frac >= min_tissue and frac > 0:
-                keep.append((col, row))
-                fracs.append(frac)
-    return np.array(keep, np.int32).reshape(-1, 2), np.array(fracs, np.float32)
+    if mask.method == "none":
+        fracs = np.ones((plan.rows, plan.cols))
+    else:
+        fracs = mask.fractions(xs, ys, side, side)
+    rows, cols = np.nonzero((fracs >= min_tissue) & (fracs > 0))
+    block = max(1, int(_BLOCK_READ_PX // (step / plan.level_downsample)))
+    order = np.lexsort((cols, rows, cols // block, rows // block))
+    grid = np.stack([cols[order], rows[order]], 1).astype(np.int32)
+    return grid, fracs[rows[order], cols[order]].astype(np.float32)
 
 
 def _tile_loader(slide: Slide, plan: TilePlan, grid: np.ndarray, channels: int) -> Callable[[range], np.ndarray]:

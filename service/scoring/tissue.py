@@ -46,6 +46,22 @@ class TissueMask:
         s = self._integral
         return float(s[y1, x1] - s[y0, x1] - s[y1, x0] + s[y0, x0]) / area
 
+    def fractions(self, xs: np.ndarray, ys: np.ndarray, width: int, height: int) -> np.ndarray:
+        """:meth:`fraction` for every box with a corner at ``(xs[j], ys[i])``: ``[len(ys), len(xs)]``."""
+        mh, mw = self.mask.shape
+
+        def bounds(starts: np.ndarray, side: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+            lo = np.rint(starts / self.scale).astype(np.int64)
+            hi = np.minimum(limit, np.maximum(lo + 1, np.rint((starts + side) / self.scale).astype(np.int64)))
+            return np.minimum(limit, lo), hi
+
+        x0, x1 = bounds(np.asarray(xs, np.float64), width, mw)
+        y0, y1 = bounds(np.asarray(ys, np.float64), height, mh)
+        s = self._integral
+        total = s[np.ix_(y1, x1)] - s[np.ix_(y0, x1)] - s[np.ix_(y1, x0)] + s[np.ix_(y0, x0)]
+        area = (y1 - y0)[:, None] * (x1 - x0)[None, :]
+        return np.where(area > 0, total / np.maximum(area, 1), 0.0)
+
     @property
     def tissue_fraction(self) -> float:
         return float(self.mask.mean()) if self.mask.size else 0.0

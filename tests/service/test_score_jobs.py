@@ -134,6 +134,12 @@ def test_paths_must_stay_inside_the_data_directory(jobs_client, data_dir, tmp_pa
         r = submit_path(client, path)
         assert r.status_code == 403, (path, r.text)
         assert "outside the data directory" in r.json()["error"]
+    np.save(data_dir / "x.npy", np.zeros((2, 16, 16, 3), np.uint8))
+    np.save(outside.with_suffix(".npy"), np.zeros(2, np.uint8))
+    r = submit_path(client, "x.npy", kind="patches", labels_path="../outside.npy")
+    assert r.status_code == 403 and "outside the data directory" in r.json()["error"]
+    r = submit_path(client, "synthetic.tiff", max_plain_pixels=10**12)
+    assert r.status_code == 400 and "server limit" in r.json()["error"]
     r = submit_path(client, "missing.svs")
     assert r.status_code == 404 and "does not exist" in r.json()["error"]
     assert submit_path(client, str(data_dir / "synthetic.tiff")).status_code == 202  # absolute but inside

@@ -18,7 +18,7 @@ import numpy as np
 import openslide
 import pytest
 from PIL import Image
-from scoring_fixtures import MODEL_MPP, PATH_MODEL, REAL_SLIDE, pyramid
+from scoring_fixtures import MODEL_MPP, PATH_MODEL, REAL_SLIDE, pyramid, tissue_image, write_pyramidal_tiff
 
 from service.score import main as score_main
 from service.scoring.slides import SlideOptions, score_slide
@@ -191,3 +191,62 @@ def test_cli_bad_input_exit_status(path_model_repo, synthetic_slides, tmp_path, 
     # the same slide with its resolution given on the command line scores as the tagged one
     assert score_main(["slide", str(synthetic_slides["nompp"]), "--model", PATH_MODEL, "--slide-mpp", "0.5", *base]) == 0
     assert not (tmp_path / "o" / "tiles.csv").read_text() == ""
+
+
+def test_level0_is_never_read_whole(path_model, tmp_path, monkeypatch):
+    """A single-level slide (no pyramid to fall back on): the thumbnail is built from bounded chunks
+    and tiles are read one at a time, so no read covers more than a chunk of the slide."""
+    import service.scoring.tissue as tissue
+    from service.scoring.slide import Slide
+
+    monkeypatch.setattr(tissue, "_CHUNK_READ_PX", 128)
+    path = write_pyramidal_tiff(tmp_path / "flat.tiff", tissue_image(768, 1024), mpp=MODEL_MPP, levels=1)
+    reads = []
+    original = Slide.read
+
+    def spy(self, x0, y0, level, width, height):
+        reads.append((level, width, height))
+        return original(self, x0, y0, level, width, height)
+
+    monkeypatch.setattr(Slide, "read", spy)
+    meta = score_slide(path_model, path, tmp_path / "out", SlideOptions(mask_size=256))
+    assert meta["plan"]["level"] == 0 and meta["slide"]["level_dimensions"] == [[1024, 768]]
+    assert meta["counts"]["scored_tiles"] > 0
+    assert len(reads) > meta["counts"]["scored_tiles"]  # thumbnail chunks and every tile
+    assert max(w * h for _, w, h in reads) <= 128 * 128  # 1/48 of the slide
+
+
+def test_pipeline_reads_ahead_a_bounded_number_of_batches():
+    """At most the batch being run plus ``prefetch`` read ahead are held; cancelling stops at the next batch."""
+    import threading
+
+    from service.scoring.errors import Cancelled
+    from service.scoring.pipeline import run_pipeline
+
+    class Model:
+        card = None
+
+        def run(self, images):
+            return {"x": images}
+
+    lock, state = threading.Lock(), {"ahead": 0, "max": 0}
+
+    def load(i):
+        with lock:
+            state["ahead"] += 1
+            state["max"] = max(state["max"], state["ahead"])
+        return np.zeros((2, 1), np.uint8)
+
+    def consume(i, out):
+        with lock:
+            state["ahead"] -= 1
+
+    stats = run_pipeline(Model(), range(50), load, consume, readers=3, prefetch=4)
+    assert stats.images == 100 and stats.batches == 50
+    assert 1 < state["max"] <= 4 + 1
+    cancel = threading.Event()
+    seen = []
+    with pytest.raises(Cancelled):
+        run_pipeline(Model(), range(50), load, lambda i, out: (seen.append(i), i == 9 and cancel.set()),
+                     prefetch=2, cancel=cancel)
+    assert seen == list(range(10))
