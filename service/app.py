@@ -18,7 +18,7 @@ from service.jobs import JobManager
 from service.logs import configure_logging
 from service.metrics import ServiceMetrics
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
-from service.routers import health, infer, jobs, metrics, models, predict
+from service.routers import health, infer, jobs, metrics, models, predict, web
 from service.runtime import ModelServer
 from service.settings import Settings, get_settings
 
@@ -35,6 +35,7 @@ DESCRIPTION = """Rotation-equivariant GSA-Net image classifiers on ONNX Runtime.
 * `/v1/jobs/...`: batch scoring jobs for whole slides and patch sets (202 with a job id, progress,
   result downloads, cancel).
 * `/metrics`: Prometheus.
+* `/`: a web page for people (predictions, orientation responses, slide heatmaps).
 
 Every error is `{"error": "..."}` with its HTTP status."""
 
@@ -62,8 +63,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.server = ModelServer(settings, service_metrics)
     app.state.jobs = _job_manager(settings, app.state.server)
-    for router in (health.router, models.router, infer.router, predict.router, jobs.router, metrics.router):
+    for router in (health.router, models.router, infer.router, predict.router, jobs.router, metrics.router, web.router):
         app.include_router(router)
+    web.mount_static(app)
     _add_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, large_prefixes=("/v1/jobs",),
                        large_max_bytes=settings.max_upload_bytes)

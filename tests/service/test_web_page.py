@@ -1,0 +1,391 @@
+"""The web page at ``/``, end to end: the real server (``python -m service`` on 127.0.0.1) serving the
+committed RotMNIST R4 model and a tiny RGB pathology model, driven by headless Chromium (Debian's
+``chromium`` and ``chromium-driver``, through selenium; no browser is ever downloaded).
+
+A patch upload shows its label and polar plot; the rotate button turns the patch a quarter turn and
+the plotted responses move by one spoke; an error of the API is shown in its own words; a slide job
+runs to completion, its heatmap appears, and a tile shows its probabilities. Screenshots of these
+states are written to ``$GSA_WEB_SCREENSHOTS`` when set, else to a temporary folder.
+
+Without the browser these tests skip, except under CI (``CI`` set), where they fail.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from scoring_fixtures import PATH_MODEL
+
+ROOT = Path(__file__).resolve().parents[2]
+MNIST = ROOT.parent / "shared" / "data" / "mnist" / "mnist-train-10k.npz"
+R4 = "rotmnist-r4"  # committed in models/: 28x28 greyscale digits, group R4
+STATIC = ROOT / "service" / "static"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+WINDOW = (1366, 900)  # a laptop screen
+
+
+def _missing(what: str) -> None:
+    """Fail under CI, where the browser must be installed (.ci/run does it); skip elsewhere."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} (CI installs it: see .ci/run)")
+    pytest.skip(f"{what}: apt-get install chromium chromium-driver; pip install selenium (dev extra)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- the server ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def web_repo(tmp_path_factory, path_model_repo) -> Path:
+    """rotmnist-r4 (committed) and path_r4 (exported by the scoring tests' fixture) in one repository."""
+    root = tmp_path_factory.mktemp("web_models")
+    shutil.copytree(ROOT / "models" / R4, root / R4)
+    shutil.copytree(path_model_repo / PATH_MODEL, root / PATH_MODEL)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(web_repo, synthetic_slides, tmp_path_factory) -> str:
+    """``python -m service`` on a free port of 127.0.0.1, with a jobs and a data directory; its URL."""
+    tmp = tmp_path_factory.mktemp("web_server")
+    (tmp / "data").mkdir()
+    shutil.copy(synthetic_slides["slide"], tmp / "data" / "synthetic.tiff")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GSA_")}
+    env.update(GSA_MODEL_DIR=str(web_repo), GSA_HOST="127.0.0.1", GSA_PORT=str(port), GSA_JOBS_DIR=str(tmp / "jobs"),
+               GSA_DATA_DIR=str(tmp / "data"), GSA_INTRA_OP_THREADS="1", GSA_WARMUP="false",
+               GSA_BATCHING__MAX_BATCH_SIZE="8", GSA_LOG_LEVEL="WARNING", GSA_ACCESS_LOG="false")
+    log = (tmp / "server.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/v2/health/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp / "server.log").read_text()
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_page_and_its_assets_are_served(server):
+    """``/`` is the page; every stylesheet and ES module it loads (following imports) is served with
+    its media type; the API around it is unchanged."""
+    page = httpx.get(f"{server}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<script type="module" src="static/js/main.js">' in page.text
+    assert httpx.get(f"{server}/static/style.css").headers["content-type"].startswith("text/css")
+    seen, todo = set(), ["main.js"]
+    while todo:
+        name = todo.pop()
+        seen.add(name)
+        r = httpx.get(f"{server}/static/js/{name}")
+        assert r.status_code == 200 and "javascript" in r.headers["content-type"], name
+        todo += [line.split('"./')[1].split('"')[0] for line in r.text.splitlines()
+                 if line.startswith("import ") and '"./' in line and line.split('"./')[1].split('"')[0] not in seen]
+    assert seen == {p.name for p in (STATIC / "js").glob("*.js")}  # every module is used, none is missing
+    missing = httpx.get(f"{server}/static/nope.js")
+    assert missing.status_code == 404 and "error" in missing.json()
+    assert httpx.get(f"{server}/v1/nope").json()["error"].startswith("no such endpoint")
+    assert "/" not in httpx.get(f"{server}/openapi.json").json()["paths"]
+
+
+def test_page_files_ship_in_the_wheel(tmp_path):
+    """The serving install (``pip install .[serve]``, the Docker image) gets the page: the wheel built
+    from the files the image copies holds every file under service/static/."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(ROOT / "pyproject.toml", src)
+    shutil.copy(ROOT / "README.md", src)
+    shutil.copytree(ROOT / "service", src / "service", ignore=shutil.ignore_patterns("__pycache__"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                        "-q", "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {p.relative_to(ROOT).as_posix() for p in STATIC.rglob("*") if p.is_file()}
+    assert expected and expected <= names, sorted(expected - names)
+
+
+# ---- the browser --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless Chromium through chromedriver, both from the system (never downloaded)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if chromium is None or driver_path is None:
+        _missing("no chromium or chromedriver on PATH")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        _missing("selenium is not installed")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--window-size={WINDOW[0]},{WINDOW[1]}",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
+    driver.set_script_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    folder = os.environ.get("GSA_WEB_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        return Path(folder)
+    return tmp_path_factory.mktemp("screenshots")
+
+
+def screenshot(driver, folder: Path, name: str) -> Path:
+    """Save the viewport as ``<folder>/<name>.png`` and check it is a real, non-blank PNG."""
+    path = folder / f"{name}.png"
+    assert driver.save_screenshot(str(path))
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 5000, f"{path}: {len(data)} bytes"
+    with Image.open(path) as img:
+        assert img.size[0] >= 800 and img.size[1] >= 500
+        assert len(img.convert("L").getcolors(256 * 256) or range(257)) > 16, f"{path} looks blank"
+    return path
+
+
+def wait_for(driver, condition, timeout_s: float = 30.0, what: str = "condition"):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout_s, poll_frequency=0.05).until(lambda d: condition(d), message=what)
+
+
+def js(driver, script: str, *args):
+    return driver.execute_script(script, *args)
+
+
+def open_page(driver, server: str, model: str) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    driver.get(f"{server}/")
+    wait_for(driver, lambda d: js(d, f"return [...document.querySelectorAll('#model option')].some(o => o.value === '{model}')"),
+             what="the model list")
+    Select(driver.find_element("id", "model")).select_by_value(model)
+    wait_for(driver, lambda d: d.find_element("id", "model-info").get_attribute("data-model") == model, what="model info")
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _api_predict(server: str, model: str, pixels: np.ndarray) -> dict:
+    r = httpx.post(f"{server}/v1/models/{model}/predict", content=_png(pixels), headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    return r.json()["predictions"][0]
+
+
+SPOKES = """return [...arguments[0].querySelectorAll('.spoke')].map(s => [
+    Number(s.dataset.element), Number(s.dataset.angle), s.dataset.reflection, Number(s.dataset.response)])"""
+
+
+def _spokes(driver, card) -> tuple[list[float], np.ndarray]:
+    rows = js(driver, SPOKES, card)
+    assert [r[0] for r in rows] == [0, 1, 2, 3] and all(r[2] == "false" for r in rows)  # R4: no mirrors
+    return [r[1] for r in rows], np.array([r[3] for r in rows])
+
+
+def _done_cards(driver, count: int) -> list | None:
+    cards = driver.find_elements("css selector", "li.patch-card[data-state=done]")
+    return cards if len(cards) == count else None
+
+
+def _card_done(driver, card, rotation: int) -> bool:
+    return card.get_attribute("data-state") == "done" and card.get_attribute("data-rotation") == str(rotation)
+
+
+@pytest.fixture(scope="module")
+def digits() -> list[np.ndarray]:
+    """Two real MNIST digits (a 3 and a 7), 28x28 greyscale."""
+    if not MNIST.is_file():
+        _missing(f"no MNIST sample at {MNIST}")
+    data = np.load(MNIST)
+    images, labels = data["images"], data["labels"]
+    return [images[int(np.flatnonzero(labels == d)[0])] for d in (3, 7)]
+
+
+def test_patches_show_labels_and_the_rotate_button_turns_the_responses(browser, server, digits, tmp_path, screenshots):
+    """Two digits dropped in show the label the API gives and a polar plot of its responses; Rotate 90°
+    (by mouse, then by keyboard) turns the patch counter-clockwise, and each quarter turn moves every
+    response one spoke on, to exactly what the API answers for the rotated digit."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    paths = []
+    for i, pixels in enumerate(digits):
+        paths.append(tmp_path / f"digit-{i}.png")
+        paths[-1].write_bytes(_png(pixels))
+    expected = [_api_predict(server, R4, pixels) for pixels in digits]
+
+    open_page(browser, server, R4)
+    browser.find_element("id", "patch-files").send_keys("\n".join(str(p) for p in paths))
+    cards = wait_for(browser, lambda d: _done_cards(d, 2), what="two classified patches")
+    for card, want, path in zip(cards, expected, paths):
+        assert card.find_element("css selector", "h3").text == path.name
+        assert card.find_element("css selector", ".pred-label").text == want["label"]
+        shown = {li.get_attribute("data-label"): float(li.get_attribute("data-probability"))
+                 for li in card.find_elements("css selector", ".probs li")}
+        assert shown == pytest.approx(want["probabilities"], abs=1e-6)
+        assert card.find_element("css selector", "select.plot-label").get_attribute("value") == want["label"]
+        angles, responses = _spokes(browser, card)
+        assert angles == [0, 90, 180, 270]
+        np.testing.assert_allclose(responses, want["orientation"]["responses"][want["label"]], rtol=1e-6)
+    screenshot(browser, screenshots, "patches-uploaded")
+
+    card, label = cards[0], expected[0]["label"]
+    _, before = _spokes(browser, card)
+    # the shift is visible: the responses are not invariant under a quarter turn (else this proves nothing)
+    assert not np.allclose(before, np.roll(before, 1), rtol=1e-3, atol=1e-2), before
+    card.find_element("css selector", "button.rotate").click()
+    wait_for(browser, lambda d: _card_done(d, card, 90), what="the rotated patch's prediction")
+    _, after = _spokes(browser, card)
+    np.testing.assert_allclose(after, np.roll(before, 1), rtol=1e-4, atol=1e-3)  # one spoke counter-clockwise
+    turned = _api_predict(server, R4, np.rot90(digits[0], 1).copy())
+    np.testing.assert_allclose(after, turned["orientation"]["responses"][label], rtol=1e-6)
+    assert card.find_element("css selector", ".pred-label").text == turned["label"]
+    assert "90°" in card.find_element("css selector", "figcaption").text
+    screenshot(browser, screenshots, "patches-rotated")
+
+    # the keyboard reaches the button: Tab from the file input, Enter on it
+    js(browser, "document.getElementById('patch-files').focus()")
+    rotate = card.find_element("css selector", "button.rotate")
+    for _ in range(10):
+        if browser.switch_to.active_element == rotate:
+            break
+        ActionChains(browser).send_keys(Keys.TAB).perform()  # to whatever has the focus, as a user would
+    assert browser.switch_to.active_element == rotate, "Tab never reached the rotate button"
+    ActionChains(browser).send_keys(Keys.ENTER).perform()
+    wait_for(browser, lambda d: _card_done(d, card, 180), what="the second rotation")
+    _, twice = _spokes(browser, card)
+    np.testing.assert_allclose(twice, np.roll(before, 2), rtol=1e-4, atol=1e-3)
+
+
+def test_api_errors_are_shown_in_their_own_words(browser, server, tmp_path, screenshots):
+    """A file that is no image: the card and the live message region show the API's error message."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image\n")
+    open_page(browser, server, R4)
+    browser.find_element("id", "patch-files").send_keys(str(notes))
+    card = wait_for(browser, lambda d: next(iter(d.find_elements("css selector", "li.patch-card[data-state=error]")), None),
+                    what="the error")
+    api = httpx.post(f"{server}/v1/models/{R4}/predict", files={"files": ("notes.txt", b"not an image\n", "text/plain")})
+    assert api.status_code == 415
+    error = card.find_element("css selector", ".error")
+    assert error.is_displayed() and api.json()["error"] in error.text and "HTTP 415" in error.text
+    messages = browser.find_element("id", "messages")
+    assert api.json()["error"] in messages.text and messages.get_attribute("aria-live") == "polite"
+    screenshot(browser, screenshots, "patch-error")
+
+    # accessibility basics: every form control has a label, every button a name, every picture a text
+    unlabelled = js(browser, """return [...document.querySelectorAll('input, select')]
+        .filter(e => e.labels.length === 0 && !e.getAttribute('aria-label')).map(e => e.id || e.outerHTML)""")
+    assert unlabelled == []
+    assert js(browser, "return [...document.querySelectorAll('button')].filter(b => !b.textContent.trim()).length") == 0
+    assert js(browser, "return [...document.querySelectorAll('canvas, svg')].filter(e => !e.getAttribute('aria-label')).length") == 0
+
+
+def test_slide_job_runs_and_its_heatmap_and_tiles_show(browser, server, synthetic_slides, screenshots):
+    """An uploaded slide: the page follows the job from queued or running to succeeded with every tile
+    counted, shows the heatmap over the thumbnail, a click on a tile (and an arrow key) shows that
+    tile's probabilities as in tiles.csv, and the CSV and GeoJSON download."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    open_page(browser, server, PATH_MODEL)
+    js(browser, """window.jobStates = [];
+        new MutationObserver(() => window.jobStates.push(document.getElementById('job-state').textContent))
+            .observe(document.getElementById('job-state'), {childList: true, characterData: true, subtree: true});""")
+    browser.find_element("id", "slide-file").send_keys(str(synthetic_slides["slide"]))
+    browser.find_element("css selector", "#slide-upload-form button[type=submit]").click()
+    wait_for(browser, lambda d: d.find_element("id", "job").get_attribute("data-state") in ("succeeded", "failed", "cancelled"),
+             timeout_s=120, what="the slide job")
+    job_node = browser.find_element("id", "job")
+    job = httpx.get(f"{server}/v1/jobs/{job_node.get_attribute('data-job-id')}").json()
+    assert job_node.get_attribute("data-state") == job["state"] == "succeeded", job
+    total = job["progress"]["total"]
+    states = js(browser, "return window.jobStates")
+    assert states[0].split(":")[0] in ("queued", "running"), states
+    assert states[-1] == f"succeeded: {total} of {total} tiles (100%)", states
+    progress = browser.find_element("id", "job-progress")
+    assert float(progress.get_attribute("value")) == float(progress.get_attribute("max")) == total > 0
+
+    wait_for(browser, lambda d: d.find_element("id", "heatmap").get_attribute("data-loaded") == "true", what="the heatmap")
+    img = browser.find_element("id", "heatmap-img")
+    assert img.is_displayed() and js(browser, "return arguments[0].naturalWidth", img) == 1024
+    assert "heatmap" in img.get_attribute("alt").lower()
+    screenshot(browser, screenshots, "slide-heatmap")
+
+    base = f"{server}/v1/jobs/{job['id']}/results"
+    rows = list(csv.DictReader(io.StringIO(httpx.get(f"{base}/tiles.csv").text)))
+    assert len(rows) == total
+    cells = {(int(r["col"]), int(r["row"])): r for r in rows}
+    # a tile with a scored neighbour to its right, near the middle of the tissue
+    tile = sorted((r for (c, rw), r in cells.items() if (c + 1, rw) in cells), key=lambda r: (int(r["row"]), int(r["col"])))[len(rows) // 3]
+    width, height = js(browser, "return [arguments[0].clientWidth, arguments[0].clientHeight]", img)
+    x = (int(tile["minx"]) + int(tile["width"]) / 2) / 1024 * width
+    y = (int(tile["miny"]) + int(tile["height"]) / 2) / 768 * height
+    ActionChains(browser).move_to_element_with_offset(img, round(x - width / 2), round(y - height / 2)).click().perform()
+    info = browser.find_element("id", "tile-info")
+
+    def shown_tile():
+        return info.get_attribute("data-col"), info.get_attribute("data-row")
+
+    wait_for(browser, lambda d: shown_tile() == (tile["col"], tile["row"]), what="the clicked tile")
+    probs = {li.get_attribute("data-label"): float(li.get_attribute("data-probability"))
+             for li in info.find_elements("css selector", "li")}
+    assert probs == pytest.approx({k[5:]: float(v) for k, v in tile.items() if k.startswith("prob_")}, abs=1e-6)
+    assert f"predicted {tile['predicted']}" in info.text
+    assert browser.find_element("id", "tile-marker").is_displayed()
+    screenshot(browser, screenshots, "slide-tile")
+
+    browser.find_element("id", "heatmap").send_keys(Keys.ARROW_RIGHT)
+    wait_for(browser, lambda d: shown_tile() == (str(int(tile["col"]) + 1), tile["row"]), what="the tile to the right")
+
+    links = {a.get_attribute("data-result"): a.get_attribute("href")
+             for a in browser.find_elements("css selector", "#downloads a")}
+    assert {"tiles.csv", "tiles.geojson"} <= set(links)
+    assert httpx.get(links["tiles.csv"]).text == httpx.get(f"{base}/tiles.csv").text
+    geo = json.loads(httpx.get(links["tiles.geojson"]).text)
+    assert geo["type"] == "FeatureCollection" and len(geo["features"]) == total
