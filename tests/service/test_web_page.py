@@ -272,6 +272,7 @@ def test_patches_show_labels_and_the_rotate_button_turns_the_responses(browser, 
         angles, responses = _spokes(browser, card)
         assert angles == [0, 90, 180, 270]
         np.testing.assert_allclose(responses, want["orientation"]["responses"][want["label"]], rtol=1e-6)
+    js(browser, "arguments[0].scrollIntoView({block: 'start'})", cards[0])
     screenshot(browser, screenshots, "patches-uploaded")
 
     card, label = cards[0], expected[0]["label"]
@@ -286,6 +287,7 @@ def test_patches_show_labels_and_the_rotate_button_turns_the_responses(browser, 
     np.testing.assert_allclose(after, turned["orientation"]["responses"][label], rtol=1e-6)
     assert card.find_element("css selector", ".pred-label").text == turned["label"]
     assert "90°" in card.find_element("css selector", "figcaption").text
+    js(browser, "arguments[0].scrollIntoView({block: 'start'})", card)
     screenshot(browser, screenshots, "patches-rotated")
 
     # the keyboard reaches the button: Tab from the file input, Enter on it
@@ -300,6 +302,37 @@ def test_patches_show_labels_and_the_rotate_button_turns_the_responses(browser, 
     wait_for(browser, lambda d: _card_done(d, card, 180), what="the second rotation")
     _, twice = _spokes(browser, card)
     np.testing.assert_allclose(twice, np.roll(before, 2), rtol=1e-4, atol=1e-3)
+
+
+POLAR_D4 = """const done = arguments[arguments.length - 1];
+import(new URL("static/js/polar.js", document.baseURI).href).then(({ renderPolar }) => {
+    const box = document.createElement("div");
+    box.style.width = "230px";
+    document.body.prepend(box);
+    const elements = [0, 1, 2, 3, 4, 5, 6, 7].map(i => ({index: i, angle: 90 * (i % 4), reflection: i >= 4}));
+    renderPolar(box, elements, arguments[0], "tumor");
+    done([...box.querySelectorAll(".spoke")].map(s => {
+        const line = s.querySelector(".spoke-line");
+        return [Number(s.dataset.element), s.dataset.reflection, s.classList.contains("mirrored"),
+                s.classList.contains("strongest"), s.querySelector(".spoke-tip").tagName,
+                getComputedStyle(line).strokeDasharray, Math.hypot(line.x2.baseVal.value, line.y2.baseVal.value)];
+    }));
+}, err => done(String(err)));"""
+
+
+def test_polar_plot_marks_mirrored_elements(browser, server):
+    """A D4 group: one spoke per element, mirrored ones dashed with a hollow diamond; lengths run from
+    a stub for the weakest response to the full radius for the strongest."""
+    responses = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.5]
+    browser.get(f"{server}/")
+    spokes = browser.execute_async_script(POLAR_D4, responses)
+    assert isinstance(spokes, list), spokes
+    assert [s[0] for s in spokes] == list(range(8))
+    for index, reflection, mirrored, strongest, tip, dash, length in spokes:
+        assert reflection == str(index >= 4).lower() and mirrored == (index >= 4)
+        assert tip == ("rect" if mirrored else "circle") and (dash != "none") == mirrored
+        assert strongest == (index == 7)
+        assert length == pytest.approx(100 * (0.12 + 0.88 * (responses[index] - 1) / 7.5), abs=1e-3)
 
 
 def test_api_errors_are_shown_in_their_own_words(browser, server, tmp_path, screenshots):
@@ -355,6 +388,7 @@ def test_slide_job_runs_and_its_heatmap_and_tiles_show(browser, server, syntheti
     img = browser.find_element("id", "heatmap-img")
     assert img.is_displayed() and js(browser, "return arguments[0].naturalWidth", img) == 1024
     assert "heatmap" in img.get_attribute("alt").lower()
+    js(browser, "document.getElementById('job').scrollIntoView({block: 'start'})")
     screenshot(browser, screenshots, "slide-heatmap")
 
     base = f"{server}/v1/jobs/{job['id']}/results"

@@ -14,7 +14,7 @@ let models = [];
 /** Tell the user (the region is aria-live: screen readers read it out). */
 function announce(text, isError = false) {
   messages.textContent = text;
-  messages.classList.toggle("error", isError);
+  messages.classList.toggle("is-error", isError);
   messages.dataset.kind = isError ? "error" : "info";
 }
 

@@ -63,9 +63,10 @@ class Patch {
     this.busy = h("p", { class: "busy muted", text: "Classifying…" });
     const result = h("div", { class: "patch-result" },
       h("p", { class: "label-line" }, "Label ", this.labelText, " ", this.scoreText),
-      this.probs,
-      h("div", { class: "plot-head" }, h("label", { for: `${id}-plot`, text: "Plot responses of class" }), this.plotSelect),
-      this.polar, this.dominant);
+      h("div", { class: "patch-columns" }, this.probs,
+        h("div", { class: "polar-column" },
+          h("div", { class: "plot-head" }, h("label", { for: `${id}-plot`, text: "Responses of class" }), this.plotSelect),
+          this.polar, this.dominant)));
     this.result = result;
     result.hidden = true;
     return h("li", { class: "patch-card card", id, "data-state": "pending", "data-rotation": "0",
@@ -84,7 +85,7 @@ class Patch {
       this.image = await decodeImage(this.file);
       drawImage(this.canvas, this.image);
     } catch {
-      this.preview.replaceChildren(h("p", { class: "muted", text: "This browser cannot show this file (TIFF?); rotating it needs a PNG or JPEG." }));
+      this.preview.replaceChildren(h("p", { class: "muted no-preview", text: "No preview: the browser cannot decode this file (rotating needs PNG or JPEG)." }));
     }
     this.rotateButton.disabled = !(ok && this.image);
   }
