@@ -151,7 +151,7 @@ def browser(tmp_path_factory):
         _missing("selenium is not installed")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage", f"--window-size={WINDOW[0]},{WINDOW[1]}",
                  f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
@@ -396,7 +396,8 @@ def test_slide_job_runs_and_its_heatmap_and_tiles_show(browser, server, syntheti
     assert len(rows) == total
     cells = {(int(r["col"]), int(r["row"])): r for r in rows}
     # a tile with a scored neighbour to its right, near the middle of the tissue
-    tile = sorted((r for (c, rw), r in cells.items() if (c + 1, rw) in cells), key=lambda r: (int(r["row"]), int(r["col"])))[len(rows) // 3]
+    candidates = sorted((r for (c, rw), r in cells.items() if (c + 1, rw) in cells), key=lambda r: (int(r["row"]), int(r["col"])))
+    tile = candidates[len(candidates) // 2]
     width, height = js(browser, "return [arguments[0].clientWidth, arguments[0].clientHeight]", img)
     x = (int(tile["minx"]) + int(tile["width"]) / 2) / 1024 * width
     y = (int(tile["miny"]) + int(tile["height"]) / 2) / 768 * height
@@ -423,3 +424,13 @@ def test_slide_job_runs_and_its_heatmap_and_tiles_show(browser, server, syntheti
     assert httpx.get(links["tiles.csv"]).text == httpx.get(f"{base}/tiles.csv").text
     geo = json.loads(httpx.get(links["tiles.geojson"]).text)
     assert geo["type"] == "FeatureCollection" and len(geo["features"]) == total
+
+    # the job can be chosen again later; a path the data directory lacks gets the API's message
+    wait_for(browser, lambda d: job["id"] in js(d, "return [...document.querySelectorAll('#job-select option')].map(o => o.value)"),
+             what="the job in the list of earlier jobs")
+    browser.find_element("id", "slide-path").send_keys("missing.svs")
+    browser.find_element("css selector", "#slide-path-form button[type=submit]").click()
+    refused = httpx.post(f"{server}/v1/jobs/slides", json={"model": PATH_MODEL, "path": "missing.svs"})
+    assert refused.status_code == 404
+    wait_for(browser, lambda d: refused.json()["error"] in d.find_element("id", "messages").text, what="the refusal")
+    assert "HTTP 404" in browser.find_element("id", "messages").text
