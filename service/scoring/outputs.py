@@ -105,15 +105,15 @@ def heatmap_png(path: Path, thumbnail: np.ndarray, heat: np.ndarray, extent: tup
     """Blend ``heat`` (``[rows, cols]`` in 0..1, NaN where not scored) over ``thumbnail``.
 
     ``extent`` is the thumbnail-pixel size (width, height) the grid covers, from the top-left corner.
+    Done with Pillow images (uint8) so that memory stays a few copies of the thumbnail.
     """
     th, tw = thumbnail.shape[:2]
     ew, eh = max(1, min(tw, extent[0])), max(1, min(th, extent[1]))
-    scored = np.isfinite(heat)
-    colours = _colormap(np.nan_to_num(heat, nan=0.0))
-    up = np.asarray(Image.fromarray(colours).resize((ew, eh), Image.Resampling.NEAREST)).astype(np.float32)
-    mask = np.asarray(Image.fromarray(scored.astype(np.uint8) * 255).resize((ew, eh), Image.Resampling.NEAREST)) > 0
-    out = thumbnail.astype(np.float32).copy()
-    region = out[:eh, :ew]
-    region[mask] = (1 - alpha) * region[mask] + alpha * up[mask]
+    scored = Image.fromarray(np.isfinite(heat).astype(np.uint8) * 255).resize((ew, eh), Image.Resampling.NEAREST)
+    levels = np.rint(np.clip(np.nan_to_num(heat, nan=0.0), 0, 1) * 255).astype(np.uint8)  # grid-sized, 1 byte a cell
+    colours = Image.fromarray(_colormap(np.linspace(0, 1, 256))[levels]).resize((ew, eh), Image.Resampling.NEAREST)
+    base = Image.fromarray(thumbnail)
+    blended = Image.blend(base.crop((0, 0, ew, eh)), colours, alpha)
+    base.paste(blended, (0, 0), scored)
     with atomic_open(path, "wb") as f:
-        Image.fromarray(np.rint(out).astype(np.uint8)).save(f, format="PNG")
+        base.save(f, format="PNG")

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 _PLAIN_FORMATS = ("PNG", "JPEG", "TIFF")
 DEFAULT_MAX_PLAIN_PIXELS = 12_000 * 12_000  # plain images are decoded whole (below Pillow's own bomb limit)
+# OpenSlide's decoded-tile cache, per open slide: tiles are read in blocks of about 1024 level pixels
+# (see slides._BLOCK_READ_PX), which this holds several times over, so memory does not depend on the slide
+SLIDE_CACHE_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
@@ -93,6 +96,7 @@ def open_slide(path: str | Path, max_plain_pixels: int = DEFAULT_MAX_PLAIN_PIXEL
     if vendor is not None:
         try:
             handle = openslide.OpenSlide(str(path))
+            handle.set_cache(openslide.OpenSlideCache(SLIDE_CACHE_BYTES))
         except (openslide.OpenSlideError, OSError) as exc:
             raise CorruptInput(f"{path.name} looks like a {vendor} slide but OpenSlide cannot open it: {exc}") from None
         return Slide(path, handle, vendor, _openslide_mpp(handle))
