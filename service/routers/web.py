@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 __all__ = ["STATIC_DIR", "router", "mount_static"]
@@ -24,6 +24,16 @@ async def index() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
 
 
+class _RevalidatedFiles(StaticFiles):
+    """Static files that browsers revalidate (ETag) before each use: after an upgrade, the page never
+    runs old modules next to new ones."""
+
+    def file_response(self, *args, **kwargs) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
 def mount_static(app: FastAPI) -> None:
     """Serve the page's assets under ``/static/``."""
-    app.mount(STATIC_PREFIX, StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount(STATIC_PREFIX, _RevalidatedFiles(directory=STATIC_DIR), name="static")

@@ -46,6 +46,8 @@ def test_page_and_its_assets_are_served(server):
         seen.add(name)
         r = httpx.get(f"{server}/static/js/{name}")
         assert r.status_code == 200 and "javascript" in r.headers["content-type"], name
+        assert r.headers["cache-control"] == "no-cache"  # revalidated: no stale module after an upgrade
+        assert httpx.get(f"{server}/static/js/{name}", headers={"if-none-match": r.headers["etag"]}).status_code == 304
         todo += [line.split('"./')[1].split('"')[0] for line in r.text.splitlines()
                  if line.startswith("import ") and '"./' in line and line.split('"./')[1].split('"')[0] not in seen]
     assert seen == {p.name for p in (STATIC / "js").glob("*.js")}  # every module is used, none is missing

@@ -59,7 +59,7 @@ class Patch {
     this.rotateButton.addEventListener("click", () => this.rotate());
     const remove = h("button", { type: "button", class: "remove", text: "Remove", "aria-label": `Remove ${this.file.name}` });
     remove.addEventListener("click", () => this.node.remove());
-    this.error = h("p", { class: "error", role: "alert", hidden: true });
+    this.error = h("p", { class: "error", hidden: true }); // read out by the page's live region
     this.busy = h("p", { class: "busy muted", text: "Classifying…" });
     const result = h("div", { class: "patch-result" },
       h("p", { class: "label-line" }, "Label ", this.labelText, " ", this.scoreText),
