@@ -175,6 +175,24 @@ def test_patches_show_labels_and_the_rotate_button_turns_the_responses(browser, 
     np.testing.assert_allclose(twice, np.roll(before, 2), rtol=1e-4, atol=1e-3)
 
 
+DROP = """const [name, b64] = arguments;
+const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+const data = new DataTransfer();
+data.items.add(new File([bytes], name, {type: "image/png"}));
+document.getElementById("drop-zone").dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));"""
+
+
+def test_a_dropped_patch_is_classified(browser, server, digits):
+    """Dropping a file on the drop zone classifies it like a chosen one."""
+    import base64
+
+    open_page(browser, server, R4)
+    js(browser, DROP, "dropped.png", base64.b64encode(_png(digits[1])).decode())
+    (card,) = wait_for(browser, lambda d: _done_cards(d, 1), what="the dropped patch")
+    assert card.find_element("css selector", "h3").text == "dropped.png"
+    assert card.find_element("css selector", ".pred-label").text == _api_predict(server, R4, digits[1])["label"]
+
+
 POLAR_D4 = """const done = arguments[arguments.length - 1];
 import(new URL("static/js/polar.js", document.baseURI).href).then(({ renderPolar }) => {
     const box = document.createElement("div");
