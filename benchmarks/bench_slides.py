@@ -9,11 +9,13 @@
 2. Exports a small random-weight R4 GSA-Net (RGB, ``--img-size`` pixels, 1 um/px: tiles come from
    level 1 without resampling) unless ``--model`` names one in ``--model-dir``.
 3. For each slide, in a fresh subprocess: the raw ONNX Runtime session on ready-made tiles at the
-   same batch size and threads (images/s), then the whole slide through the engine
+   same batch size and threads (images/s, measured before and after the slide and averaged, as the
+   load of a shared machine drifts), then the whole slide through the engine
    (service.scoring.score_slide: tissue mask, streamed tiles, reader threads, result files),
    tiles/s over the scoring phase and over the whole run, and the peak memory: the process's
    peak resident set above its level after the model was loaded, and tracemalloc's peak of
-   Python-visible allocations (numpy buffers included).
+   Python-visible allocations (numpy buffers included). Also printed: the fraction of the scoring
+   phase the model was busy (time in session.run over wall time), a ratio immune to load drift.
 
 Goals: slide scoring at >= 80% of raw model throughput; peak memory flat in the slide size.
 """
@@ -128,11 +130,15 @@ def measure(args: dict) -> dict:
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 256, (bs, card.height, card.width, 3), dtype=np.uint8)
     model.run(batch)
-    runs, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < args["raw_seconds"]:
-        model.run(batch)
-        runs += 1
-    raw = runs * bs / (time.perf_counter() - t0)
+
+    def raw_rate() -> float:
+        runs, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < args["raw_seconds"]:
+            model.run(batch)
+            runs += 1
+        return runs * bs / (time.perf_counter() - t0)
+
+    raw_before = raw_rate()
 
     base = _rss_mb()
     exact = _reset_peak()
@@ -141,9 +147,11 @@ def measure(args: dict) -> dict:
         meta = score_slide(model, args["slide"], out, SlideOptions(batch_size=bs, readers=args["readers"]))
     traced_peak = tracemalloc.get_traced_memory()[1] / 2**20
     tracemalloc.stop()
+    raw_after = raw_rate()  # the machine's load drifts: raw throughput before and after, averaged
     scoring = meta["timing"]["scoring"]
     return {
-        "raw_images_per_s": raw, "tiles": meta["counts"]["scored_tiles"], "grid": meta["counts"]["grid_tiles"],
+        "raw_images_per_s": (raw_before + raw_after) / 2, "raw_before": raw_before, "raw_after": raw_after,
+        "model_busy": scoring["model_s"] / scoring["wall_s"], "tiles": meta["counts"]["scored_tiles"], "grid": meta["counts"]["grid_tiles"],
         "scoring_tiles_per_s": scoring["images_per_s"], "reader_wait_s": scoring["reader_wait_s"],
         "total_s": meta["timing"]["total_s"], "tissue_s": meta["timing"]["tissue_s"],
         "end_to_end_tiles_per_s": meta["counts"]["scored_tiles"] / meta["timing"]["total_s"],
@@ -189,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"  slide scoring {r['scoring_tiles_per_s']:7.1f} tiles/s ({ratio:5.1%} of raw; "
                   f"{r['end_to_end_tiles_per_s']:.1f}/s end to end incl. tissue mask {r['tissue_s']:.1f} s and writing)"
                   f"  peak RSS +{r['peak_rss_above_loaded_mb'] or float('nan'):.0f} MB (total {r['peak_rss_mb']:.0f} MB),"
-                  f" tracemalloc peak {r['tracemalloc_peak_mb']:.1f} MB", flush=True)
+                  f" tracemalloc peak {r['tracemalloc_peak_mb']:.1f} MB; raw before/after {r['raw_before']:.0f}/"
+                  f"{r['raw_after']:.0f} img/s, the model was busy {r['model_busy']:.1%} of the scoring phase", flush=True)
         small, large = results
         print(json.dumps({"results": results,
                           "memory_growth_ratio_rss": (large["peak_rss_above_loaded_mb"] or 0) /

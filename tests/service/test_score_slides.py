@@ -250,3 +250,21 @@ def test_pipeline_reads_ahead_a_bounded_number_of_batches():
         run_pipeline(Model(), range(50), load, lambda i, out: (seen.append(i), i == 9 and cancel.set()),
                      prefetch=2, cancel=cancel)
     assert seen == list(range(10))
+
+
+def test_plain_png_and_overlap(path_model, synthetic_slides, tmp_path):
+    """A plain PNG (one level, resolution given) is tiled like the TIFF: the same tiles, read from
+    level 0 and resampled, with close probabilities; overlap 0.5 halves the stride."""
+    png = tmp_path / "slide.png"
+    Image.fromarray(synthetic_slides["image"]).save(png)
+    meta = score_slide(path_model, png, tmp_path / "png", SlideOptions(slide_mpp=0.5))
+    ref = score_slide(path_model, synthetic_slides["slide"], tmp_path / "tiff", SlideOptions())
+    assert meta["slide"]["format"] == "plain-png" and meta["plan"]["resampled"] and meta["plan"]["read_size_px"] == 32
+    a, b = _grid(read_tiles(tmp_path / "png" / "tiles.csv")), _grid(read_tiles(tmp_path / "tiff" / "tiles.csv"))
+    assert set(a) == set(b)
+    np.testing.assert_allclose(probs_of(list(a.values()), ("tumor",)), probs_of([b[k] for k in a], ("tumor",)), atol=0.02)
+
+    half = score_slide(path_model, synthetic_slides["slide"], tmp_path / "half", SlideOptions(overlap=0.5))
+    assert half["plan"]["stride_px"] == 8 and (half["plan"]["grid_cols"], half["plan"]["grid_rows"]) == (63, 47)
+    xs = sorted({int(t["minx"]) for t in read_tiles(tmp_path / "half" / "tiles.csv")})
+    assert set(np.diff(xs)) == {16} and ref["counts"]["scored_tiles"] < half["counts"]["scored_tiles"]
