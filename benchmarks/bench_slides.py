@@ -1,6 +1,6 @@
 """Slide scoring against raw model throughput, and peak memory for two slide sizes.
 
-    python benchmarks/bench_slides.py [--sizes 4096 12288] [--img-size 16] [--batch-size 32]
+    python benchmarks/bench_slides.py [--sizes 8192 16384] [--img-size 16] [--batch-size 32]
         [--threads 1] [--readers 1] [--model-dir DIR --model NAME]
 
 1. Writes two synthetic pyramidal tiled TIFFs (0.5 um/px, zlib-compressed 256-pixel tiles, levels 1, 1/2, 1/4; square,
@@ -162,7 +162,7 @@ def measure(args: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs=2, default=[4096, 12288], help="level-0 side of the two slides")
+    p.add_argument("--sizes", type=int, nargs=2, default=[8192, 16384], help="level-0 side of the two slides")
     p.add_argument("--img-size", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +127,6 @@ async def _submit(request: Request, server, settings: Settings, kind: str, model
             await _save_upload(request, dest, settings.max_upload_bytes)
             job = jobs.submit(kind, model, version, dest, True, opts, job_id=job_id)
         except BaseException:
-            import shutil
-
             shutil.rmtree(jobs.root / job_id, ignore_errors=True)
             raise
     else:
