@@ -14,9 +14,10 @@ import numpy as np
 from PIL import Image
 
 from service import __version__
+from service.card import ModelCard
 from service.scoring.errors import BadParameter, NoTissue
 from service.scoring.outputs import GeoJSONWriter, atomic_open, csv_writer, heatmap_png, write_json, write_npy
-from service.scoring.pipeline import ScoringModel, batched, run_pipeline
+from service.scoring.pipeline import PipelineStats, ScoringModel, batched, run_pipeline
 from service.scoring.slide import DEFAULT_MAX_PLAIN_PIXELS, Slide, open_slide
 from service.scoring.tiling import TilePlan, plan_tiles
 from service.scoring.tissue import TissueMask, detect_tissue
@@ -121,6 +122,63 @@ def _tile_loader(slide: Slide, plan: TilePlan, grid: np.ndarray, channels: int) 
     return load
 
 
+def _check_model(card: ModelCard, options: SlideOptions) -> None:
+    if card.channels != 3:
+        raise BadParameter(f"model '{card.name}' takes {card.channels}-channel images; slides need an RGB model")
+    if card.height != card.width:
+        raise BadParameter(f"model '{card.name}' takes {card.width}x{card.height} inputs; tiles are square")
+    if options.heatmap_label is not None and options.heatmap_label not in card.labels:
+        raise BadParameter(f"heatmap_label {options.heatmap_label!r} is not one of the model's labels {list(card.labels)}")
+
+
+def _plan_and_mask(slide: Slide, card: ModelCard, options: SlideOptions) -> tuple[TilePlan, TissueMask, np.ndarray, np.ndarray]:
+    """The grid, the tissue mask, and the tiles to score with their tissue fractions."""
+    plan = plan_tiles(slide.dimensions, slide.level_downsamples, options.slide_mpp or slide.mpp, card.mpp,
+                      card.width, options.stride_for(card.width), options.tolerance)
+    if plan.count == 0:
+        raise BadParameter(f"slide {slide.path.name} ({slide.dimensions[0]}x{slide.dimensions[1]} px) is smaller "
+                           f"than one {plan.tile_level0}-pixel tile at the model's resolution")
+    mask = detect_tissue(slide, options.tissue, options.mask_size, options.min_saturation)
+    grid, fracs = _select_tiles(plan, mask, options.min_tissue)
+    if len(grid) == 0:
+        raise NoTissue(
+            f"no tile of {slide.path.name} has at least {options.min_tissue:.0%} tissue (saturation threshold "
+            f"{mask.threshold:.1f}, {mask.tissue_fraction:.1%} of the thumbnail is tissue); lower min_tissue "
+            "or pass tissue='none'"
+        )
+    return plan, mask, grid, fracs
+
+
+def _score_tiles(
+    model: ScoringModel, slide: Slide, plan: TilePlan, grid: np.ndarray, options: SlideOptions,
+    progress: Progress | None, cancel: threading.Event | None,
+) -> tuple[np.ndarray, np.ndarray, PipelineStats]:
+    """Probabilities ``[n, K]`` and dominant group element ``[n]`` of every tile in ``grid``."""
+    card, n = model.card, len(grid)
+    probs = np.full((n, card.num_classes), np.nan, np.float32)
+    orient = np.zeros(n, np.int16)
+    done = 0
+
+    def consume(idx: range, outputs: dict[str, np.ndarray]) -> None:
+        p = outputs["probabilities"]
+        probs[idx.start:idx.stop] = p
+        orient[idx.start:idx.stop] = outputs["orientation_responses"][np.arange(len(p)), p.argmax(1)].argmax(-1)
+
+    def step(count: int) -> None:
+        nonlocal done
+        done += count
+        if progress is not None:
+            progress(done, n)
+
+    if progress is not None:
+        progress(0, n)
+    stats = run_pipeline(
+        model, batched(range(n), options.batch_size), _tile_loader(slide, plan, grid, card.channels), consume,
+        readers=options.readers, prefetch=options.prefetch, cancel=cancel, progress=step,
+    )
+    return probs, orient, stats
+
+
 def score_slide(
     model: ScoringModel,
     path: str | Path,
@@ -138,54 +196,14 @@ def score_slide(
     """
     options = (options or SlideOptions()).checked()
     card = model.card
-    if card.channels != 3:
-        raise BadParameter(f"model '{card.name}' takes {card.channels}-channel images; slides need an RGB model")
-    if card.height != card.width:
-        raise BadParameter(f"model '{card.name}' takes {card.width}x{card.height} inputs; tiles are square")
-    if options.heatmap_label is not None and options.heatmap_label not in card.labels:
-        raise BadParameter(f"heatmap_label {options.heatmap_label!r} is not one of the model's labels {list(card.labels)}")
+    _check_model(card, options)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     with open_slide(path, options.max_plain_pixels) as slide:
-        plan = plan_tiles(slide.dimensions, slide.level_downsamples, options.slide_mpp or slide.mpp, card.mpp,
-                          card.width, options.stride_for(card.width), options.tolerance)
-        if plan.count == 0:
-            raise BadParameter(f"slide {slide.path.name} ({slide.dimensions[0]}x{slide.dimensions[1]} px) is smaller "
-                               f"than one {plan.tile_level0}-pixel tile at the model's resolution")
-        t_mask = time.perf_counter()
-        mask = detect_tissue(slide, options.tissue, options.mask_size, options.min_saturation)
-        grid, fracs = _select_tiles(plan, mask, options.min_tissue)
-        t_mask = time.perf_counter() - t_mask
-        if len(grid) == 0:
-            raise NoTissue(
-                f"no tile of {slide.path.name} has at least {options.min_tissue:.0%} tissue (saturation threshold "
-                f"{mask.threshold:.1f}, {mask.tissue_fraction:.1%} of the thumbnail is tissue); lower min_tissue "
-                "or pass tissue='none'"
-            )
-        n, k = len(grid), card.num_classes
-        probs = np.full((n, k), np.nan, np.float32)
-        orient = np.zeros(n, np.int16)
-        done = 0
-
-        def consume(idx: range, outputs: dict[str, np.ndarray]) -> None:
-            p = outputs["probabilities"]
-            probs[idx.start:idx.stop] = p
-            top = p.argmax(1)
-            orient[idx.start:idx.stop] = outputs["orientation_responses"][np.arange(len(p)), top].argmax(-1)
-
-        def step(count: int) -> None:
-            nonlocal done
-            done += count
-            if progress is not None:
-                progress(done, n)
-
-        if progress is not None:
-            progress(0, n)
-        stats = run_pipeline(
-            model, batched(range(n), options.batch_size), _tile_loader(slide, plan, grid, card.channels), consume,
-            readers=options.readers, prefetch=options.prefetch, cancel=cancel, progress=step,
-        )
+        plan, mask, grid, fracs = _plan_and_mask(slide, card, options)
+        t_mask = time.perf_counter() - t_start
+        probs, orient, stats = _score_tiles(model, slide, plan, grid, options, progress, cancel)
         slide_info = {
             "path": str(slide.path), "name": slide.path.name, "format": slide.format,
             "dimensions": list(slide.dimensions), "level_dimensions": [list(d) for d in slide.level_dimensions],
@@ -193,6 +211,7 @@ def score_slide(
         }
     t_write = time.perf_counter()
     _write_slide_results(out_dir, card, plan, mask, grid, fracs, probs, orient, options)
+    n = len(grid)
     meta = {
         "kind": "slide", "service_version": __version__, "model": model_info(model), "slide": slide_info,
         "options": asdict(options), "plan": plan.as_dict(),
@@ -209,7 +228,7 @@ def score_slide(
 
 
 def _write_slide_results(
-    out_dir: Path, card, plan: TilePlan, mask: TissueMask, grid: np.ndarray, fracs: np.ndarray,
+    out_dir: Path, card: ModelCard, plan: TilePlan, mask: TissueMask, grid: np.ndarray, fracs: np.ndarray,
     probs: np.ndarray, orient: np.ndarray, options: SlideOptions,
 ) -> None:
     labels = card.labels
