@@ -239,3 +239,24 @@ def test_bad_input_fails_clearly_and_other_jobs_go_on(jobs_client, data_dir, syn
         assert job["state"] == "failed", (name, job)
         assert message in job["error"], (name, job["error"])
     assert wait_job(client, good_id)["state"] == "succeeded"
+
+
+def test_imagefolder_patch_job_by_path(jobs_client, data_dir):
+    """A folder tree inside the data directory (real PCam patches, classes 0 and 1), centre-cropped."""
+    pcam = REAL_SLIDE.parents[1] / "pcam-subset" / "valid"
+    if not pcam.is_dir():
+        pytest.skip(f"PCam subset not found at {pcam}")
+    for label in ("0", "1"):
+        (data_dir / "pcam" / label).mkdir(parents=True)
+        for src in sorted((pcam / label).glob("*.jpg"))[:8]:
+            shutil.copy(src, data_dir / "pcam" / label / src.name)
+    client = jobs_client()
+    r = submit_path(client, "pcam", kind="patches", fit="crop", batch_size=4)
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["id"])
+    assert job["state"] == "succeeded", job
+    assert job["progress"]["done"] == job["progress"]["total"] == 16
+    summary = client.get(job["links"]["results"]["summary.json"]).json()
+    assert summary["count"] == 16 and sum(map(sum, summary["confusion_matrix"]["matrix"])) == 16
+    meta = client.get(job["links"]["results"]["metadata.json"]).json()
+    assert meta["source"]["kind"] == "imagefolder" and meta["source"]["labelled"]
