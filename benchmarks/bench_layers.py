@@ -29,11 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from procmem import peak_mb, reset_peak, rss_mb  # benchmarks/procmem.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -48,30 +49,6 @@ PAPER_BATCH = {"rotmnist": 8, "cifar10": 24, "pcam": 16}
 
 
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 * 1024), "MALLOC_TRIM_THRESHOLD_": str(1024 * 1024)}
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_mb() -> float:
-    """Peak resident set of this process image (``VmHWM``). Not ``ru_maxrss``: Linux carries it
-    over ``fork`` + ``exec``, so a child's figure starts at the parent's resident set."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _reset_peak() -> None:
-    """Reset ``VmHWM`` to the current resident set (Linux 4.0+: ``5`` to ``clear_refs``)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # then the peak also covers model building
 
 
 # ---- the straightforward implementation --------------------------------------------------------
@@ -160,15 +137,15 @@ def measure(spec: dict) -> dict:
                 model(images)
 
     step(x[:1], y[:1])  # one-time initialisation (kernels, thread pools, caches) outside the peak
-    base = _rss_mb()
-    _reset_peak()
+    base = rss_mb()
+    reset_peak()
     times = []
     for _ in range(spec["warmup"] + spec["repeats"]):
         t0 = time.perf_counter()
         step(x, y)
         times.append(time.perf_counter() - t0)
     best = min(times[spec["warmup"]:])
-    return {"images_per_s": bs / best, "seconds": best, "peak_mb": _peak_mb() - base}
+    return {"images_per_s": bs / best, "seconds": best, "peak_mb": peak_mb() - base}
 
 
 def run_sub(spec: dict, timeout: float, allocator: str = "fixed") -> dict:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,35 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
+from procmem import peak_mb, reset_peak, rss_mb  # benchmarks/procmem.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 OPT_LEVELS = ("basic", "extended", "all")
-
-
-# ---- memory ------------------------------------------------------------------------------------
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---- workers (one per subprocess) --------------------------------------------------------------
@@ -107,10 +81,10 @@ def worker_torch(args) -> dict:
     with torch.inference_mode():
         def run(x):
             return wrapper(torch.from_numpy(x))
-        base = _rss_mb()
-        exact = _reset_peak()
+        base = rss_mb()
+        exact = reset_peak()
         sec, runs = _time(run, images, images[: min(len(images), 8)], args.min_time)
-    return {"seconds": sec, "runs": runs, "peak_mb": _peak_mb() - base, "exact_peak": exact}
+    return {"seconds": sec, "runs": runs, "peak_mb": peak_mb() - base, "exact_peak": exact}
 
 
 def worker_ort(args) -> dict:
@@ -134,10 +108,10 @@ def worker_ort(args) -> dict:
 
     def run(x):
         return session.run(None, {"image": x})
-    base = _rss_mb()
-    exact = _reset_peak()
+    base = rss_mb()
+    exact = reset_peak()
     sec, runs = _time(run, images, images[: min(len(images), 8)], args.min_time)
-    return {"seconds": sec, "runs": runs, "peak_mb": _peak_mb() - base, "exact_peak": exact}
+    return {"seconds": sec, "runs": runs, "peak_mb": peak_mb() - base, "exact_peak": exact}
 
 
 # ---- driver ------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import multiprocessing as mp
-import resource
 import sys
 import tempfile
 import time
@@ -34,6 +33,8 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+
+from procmem import peak_mb, reset_peak, rss_mb  # benchmarks/procmem.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -96,29 +97,6 @@ def export_model(root: Path, img_size: int) -> tuple[Path, str]:
 
 
 # ---- one measurement, in a fresh process ---------------------------------------------------------
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(args: dict) -> dict:
@@ -140,8 +118,8 @@ def measure(args: dict) -> dict:
 
     raw_before = raw_rate()
 
-    base = _rss_mb()
-    exact = _reset_peak()
+    base = rss_mb()
+    exact = reset_peak()
     tracemalloc.start()
     with tempfile.TemporaryDirectory() as out:
         meta = score_slide(model, args["slide"], out, SlideOptions(batch_size=bs, readers=args["readers"]))
@@ -155,7 +133,7 @@ def measure(args: dict) -> dict:
         "scoring_tiles_per_s": scoring["images_per_s"], "reader_wait_s": scoring["reader_wait_s"],
         "total_s": meta["timing"]["total_s"], "tissue_s": meta["timing"]["tissue_s"],
         "end_to_end_tiles_per_s": meta["counts"]["scored_tiles"] / meta["timing"]["total_s"],
-        "peak_rss_above_loaded_mb": _peak_mb() - base if exact else None, "peak_rss_mb": _peak_mb(),
+        "peak_rss_above_loaded_mb": peak_mb() - base if exact else None, "peak_rss_mb": peak_mb(),
         "tracemalloc_peak_mb": traced_peak, "level": meta["plan"]["level"], "resampled": meta["plan"]["resampled"],
     }
 
