@@ -9,15 +9,17 @@ training step at the paper's batch size for every configuration of the paper (ti
 
 Every measurement runs in a fresh subprocess; peak memory is the process's peak resident set
 (``VmHWM``, reset just before the timed steps) above its resident set after one warm-up step at
-batch 1 (model, optimizer and inputs built, one-time library initialisation done). Earlier
-versions used ``ru_maxrss``, which Linux carries over fork and exec: every child's peak started
-at the parent's resident set (about 500 MB here), which showed as a fixed ~300 MB in our figures. The subprocesses run with glibc's mmap threshold fixed
-(``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, see ``ALLOCATOR_ENV``): by default the
-threshold grows after the first large free, and freed chunks of a few MB then stay resident,
-so the resident set measures the allocator's cache rather than live tensors (about 345 MB
-against 156 MB above baseline for one R4 training step at batch 8). ``--allocator default``
-measures without it. Ratios are meaningful within one run on one machine; absolute figures
-drift with load.
+batch 1 (model, optimizer and inputs built, one-time library initialisation done). Not
+``ru_maxrss``: Linux carries it over fork and exec, so every child's peak started at the parent's
+resident set (about 500 MB here); earlier figures showed that as a fixed ~300 MB.
+
+``--allocator fixed`` runs the subprocesses with glibc's mmap threshold fixed (``ALLOCATOR_ENV``).
+By default the threshold grows after the first large free and freed chunks of a few MB stay
+resident, so the resident set holds the allocator's cache as well as live tensors. Fixed, our
+peak is about half (R4 training step at batch 8: 162 against 367 MB), but every chunk is then a
+fresh mapping and our steps run about 3x slower; the default (``--allocator default``) is what
+users get. Ratios are meaningful within one run on one machine; absolute figures drift with load,
+and load slows the memory-bound straightforward version more than ours.
 
     python benchmarks/bench_layers.py                  # everything (tens of minutes on 2 cores)
     python benchmarks/bench_layers.py --part compare   # R4 net vs straightforward only
@@ -148,7 +150,7 @@ def measure(spec: dict) -> dict:
     return {"images_per_s": bs / best, "seconds": best, "peak_mb": peak_mb() - base}
 
 
-def run_sub(spec: dict, timeout: float, allocator: str = "fixed") -> dict:
+def run_sub(spec: dict, timeout: float, allocator: str = "default") -> dict:
     cmd = [sys.executable, __file__, "--measure", json.dumps(spec)]
     env = {**os.environ, **(ALLOCATOR_ENV if allocator == "fixed" else {})}
     try:
@@ -220,7 +222,7 @@ def main() -> None:
     parser.add_argument("--part", choices=["all", "compare", "configs"], default="all")
     parser.add_argument("--configs", nargs="*", default=PAPER_CONFIGS)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
-    parser.add_argument("--allocator", choices=["fixed", "default"], default="fixed",
+    parser.add_argument("--allocator", choices=["fixed", "default"], default="default",
                         help="glibc mmap threshold fixed (ALLOCATOR_ENV) or left dynamic")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
