@@ -18,7 +18,7 @@ from service.card import ModelCard
 from service.scoring.errors import BadParameter, CorruptInput, InputNotFound, UnsupportedFormat
 from service.scoring.metrics import summary
 from service.scoring.outputs import atomic_open, csv_writer, write_json
-from service.scoring.pipeline import ScoringModel, batched, run_pipeline
+from service.scoring.pipeline import ScoringModel, score_items
 from service.scoring.slides import Progress, model_info
 
 __all__ = ["PatchOptions", "PatchSet", "PATCH_RESULTS", "open_patches", "score_patches"]
@@ -252,28 +252,12 @@ def score_patches(
     patches = open_patches(path, card.labels, options.labels_path)
     try:
         n = len(patches)
-        probs = np.zeros((n, card.num_classes), np.float32)
-        orient = np.zeros(n, np.int16)
-        done = 0
 
         def load(idx: range) -> np.ndarray:
             return fit_patches(patches.read(idx.start, idx.stop), card, options.fit)
 
-        def consume(idx: range, outputs: dict[str, np.ndarray]) -> None:
-            p = outputs["probabilities"]
-            probs[idx.start:idx.stop] = p
-            orient[idx.start:idx.stop] = outputs["orientation_responses"][np.arange(len(p)), p.argmax(1)].argmax(-1)
-
-        def step(count: int) -> None:
-            nonlocal done
-            done += count
-            if progress is not None:
-                progress(done, n)
-
-        if progress is not None:
-            progress(0, n)
-        stats = run_pipeline(model, batched(range(n), options.batch_size), load, consume, readers=options.readers,
-                             prefetch=options.prefetch, cancel=cancel, progress=step)
+        probs, orient, stats = score_items(model, n, load, batch_size=options.batch_size, readers=options.readers,
+                                           prefetch=options.prefetch, cancel=cancel, progress=progress)
     finally:
         patches.close()
     labels = card.labels

@@ -16,7 +16,7 @@ import numpy as np
 from service.card import ModelCard
 from service.scoring.errors import Cancelled
 
-__all__ = ["ScoringModel", "PipelineStats", "run_pipeline", "batched"]
+__all__ = ["ScoringModel", "PipelineStats", "run_pipeline", "batched", "score_items"]
 
 Spec = TypeVar("Spec")
 
@@ -100,3 +100,39 @@ def run_pipeline(
                 future.cancel()
     stats.wall_s = time.perf_counter() - t0
     return stats
+
+
+def score_items(
+    model: ScoringModel,
+    n: int,
+    load: Callable[[range], np.ndarray],
+    *,
+    batch_size: int,
+    readers: int = 1,
+    prefetch: int = 4,
+    cancel: threading.Event | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, PipelineStats]:
+    """Score items ``0 .. n-1`` in batches of ``batch_size`` (``load(range)`` gives their pixels):
+    probabilities ``[n, K]`` and, per item, the group element with the strongest response of the
+    predicted class ``[n]``. ``progress(done, n)`` after every batch (and once with 0)."""
+    probs = np.full((n, model.card.num_classes), np.nan, np.float32)
+    orient = np.zeros(n, np.int16)
+    done = 0
+
+    def consume(idx: range, outputs: dict[str, np.ndarray]) -> None:
+        p = outputs["probabilities"]
+        probs[idx.start:idx.stop] = p
+        orient[idx.start:idx.stop] = outputs["orientation_responses"][np.arange(len(p)), p.argmax(1)].argmax(-1)
+
+    def step(count: int) -> None:
+        nonlocal done
+        done += count
+        if progress is not None:
+            progress(done, n)
+
+    if progress is not None:
+        progress(0, n)
+    stats = run_pipeline(model, batched(range(n), batch_size), load, consume, readers=readers,
+                         prefetch=prefetch, cancel=cancel, progress=step)
+    return probs, orient, stats

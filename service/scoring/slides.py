@@ -17,7 +17,7 @@ from service import __version__
 from service.card import ModelCard
 from service.scoring.errors import BadParameter, NoTissue
 from service.scoring.outputs import GeoJSONWriter, atomic_open, csv_writer, heatmap_png, write_json, write_npy
-from service.scoring.pipeline import PipelineStats, ScoringModel, batched, run_pipeline
+from service.scoring.pipeline import PipelineStats, ScoringModel, score_items
 from service.scoring.slide import DEFAULT_MAX_PLAIN_PIXELS, Slide, open_slide
 from service.scoring.tiling import TilePlan, plan_tiles
 from service.scoring.tissue import TissueMask, detect_tissue
@@ -154,29 +154,10 @@ def _score_tiles(
     progress: Progress | None, cancel: threading.Event | None,
 ) -> tuple[np.ndarray, np.ndarray, PipelineStats]:
     """Probabilities ``[n, K]`` and dominant group element ``[n]`` of every tile in ``grid``."""
-    card, n = model.card, len(grid)
-    probs = np.full((n, card.num_classes), np.nan, np.float32)
-    orient = np.zeros(n, np.int16)
-    done = 0
-
-    def consume(idx: range, outputs: dict[str, np.ndarray]) -> None:
-        p = outputs["probabilities"]
-        probs[idx.start:idx.stop] = p
-        orient[idx.start:idx.stop] = outputs["orientation_responses"][np.arange(len(p)), p.argmax(1)].argmax(-1)
-
-    def step(count: int) -> None:
-        nonlocal done
-        done += count
-        if progress is not None:
-            progress(done, n)
-
-    if progress is not None:
-        progress(0, n)
-    stats = run_pipeline(
-        model, batched(range(n), options.batch_size), _tile_loader(slide, plan, grid, card.channels), consume,
-        readers=options.readers, prefetch=options.prefetch, cancel=cancel, progress=step,
+    return score_items(
+        model, len(grid), _tile_loader(slide, plan, grid, model.card.channels), batch_size=options.batch_size,
+        readers=options.readers, prefetch=options.prefetch, cancel=cancel, progress=progress,
     )
-    return probs, orient, stats
 
 
 def score_slide(
