@@ -94,7 +94,13 @@ class ScheduleConfig:
 
 @dataclass
 class RunConfig:
-    """How to run: epochs, batch sizes, seed, device, precision, output folder."""
+    """How to run: epochs, batch sizes, seed, device, precision, output folder.
+
+    ``init_from`` starts from the weights of another checkpoint of the same model (fine-tuning;
+    optimizer, schedule and epoch start fresh). ``augment_rotation`` rotates every training image
+    by its own angle, uniform in [0, 2 pi), bilinearly, on the training device; the angles come
+    from a generator seeded with ``(seed, epoch)``, so resumed runs stay exact.
+    """
 
     epochs: int = 10
     batch_size: int = 8
@@ -107,6 +113,8 @@ class RunConfig:
     out_dir: str = "runs/default"
     progress: bool = True
     max_steps_per_epoch: int | None = None
+    init_from: str | None = None
+    augment_rotation: bool = False
 
 
 @dataclass

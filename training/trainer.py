@@ -39,6 +39,7 @@ from training.checkpoint import (
 )
 from training.config import OptimConfig, ScheduleConfig, TrainConfig, config_to_dict
 from training.data.common import dataset_fingerprint
+from training.data.transforms import rotate_bilinear
 from training.evaluate import evaluate_loader
 
 __all__ = ["Trainer", "seed_everything", "resolve_device", "build_optimizer", "build_scheduler", "lr_lambda"]
@@ -130,11 +131,14 @@ class Trainer:
         self.out_dir = Path(self.run.out_dir)
         self.fingerprint = dataset_fingerprint(train=train_set, val=val_set)
         self.loader_generator = torch.Generator()
+        self.augment_generator = torch.Generator()
         self.train_loader = self._loader(train_set, self.run.batch_size, shuffle=True)
         self.val_loader = self._loader(val_set, self.run.eval_batch_size, shuffle=False)
         self.steps_per_epoch = len(self.train_loader)
         if self.run.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, self.run.max_steps_per_epoch)
+        if self.run.init_from:
+            self.init_weights(self.run.init_from)
         self.optimizer = build_optimizer(self.model.parameters(), config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.schedule, self.steps_per_epoch, self.run.epochs)
         self.epoch = 0
@@ -161,6 +165,23 @@ class Trainer:
             "history": self.history, "best": self.best, "train_config": config_to_dict(self.config),
             "data_fingerprint": self.fingerprint,
         }
+
+    def init_weights(self, path: str | Path) -> None:
+        """Load only the model weights of ``path`` (a checkpoint of the same model and config).
+
+        Raises:
+            CheckpointError: Unreadable checkpoint, another model, or weights that do not fit.
+        """
+        ckpt = load_checkpoint(path)
+        name, model_config = model_metadata(self.model)
+        if ckpt["model_name"] != name or ckpt["model_config"] != model_config:
+            raise CheckpointError(path, f"train.init_from holds model {ckpt['model_name']!r} with another config than "
+                                        f"the configured {name!r}; use a checkpoint of the same model settings")
+        try:
+            self.model.load_state_dict(ckpt["model_state"])
+        except RuntimeError as exc:
+            raise CheckpointError(path, f"weights do not fit the configured model: {exc}") from None
+        logger.info("initialised weights from %s (epoch %s, best %s)", path, ckpt.get("epoch"), ckpt.get("best"))
 
     def resume(self, path: str | Path, force: bool = False) -> None:
         """Restore everything from a checkpoint written by this trainer.
@@ -212,6 +233,7 @@ class Trainer:
     def _train_epoch(self) -> tuple[float, float, int]:
         self.model.train()
         self.loader_generator.manual_seed(self.run.seed * 1_000_003 + self.epoch)
+        self.augment_generator.manual_seed(self.run.seed * 1_000_003 + self.epoch + 500_000_000)
         total_loss, correct, seen = 0.0, 0, 0
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.run.epochs}",
                    disable=not self.run.progress, leave=False, dynamic_ncols=True)
@@ -230,6 +252,9 @@ class Trainer:
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
+        if self.run.augment_rotation:
+            angles = torch.rand(x.shape[0], generator=self.augment_generator, dtype=torch.float64) * (2 * math.pi)
+            x = rotate_bilinear(x, angles.to(x.device)).clamp_(0.0, 1.0)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
             logits = self.model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.run.label_smoothing)

@@ -63,6 +63,14 @@ def mnist_npz(tmp_path):
     return path, images, labels
 
 
+def test_rotation_builds_its_grid_on_the_images_device():
+    """A scalar angle used to make the sampling grid on the CPU, so evaluating rotations of CUDA
+    tensors failed; the meta device stands in for a GPU here."""
+    x = torch.rand(3, 1, 8, 8, device="meta")
+    assert rotate_bilinear(x, math.pi / 4).device == x.device
+    assert rotate_bilinear(x, torch.full((3,), 0.5)).device == x.device
+
+
 def test_seeded_split_partitions():
     train, val = seeded_split(50, 10, 3, "train"), seeded_split(50, 10, 3, "val")
     assert len(val) == 10 and sorted(np.concatenate([train, val]).tolist()) == list(range(50))

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from training.checkpoint import DataMismatchError, load_checkpoint
+from training.checkpoint import CheckpointError, DataMismatchError, load_checkpoint
 from training.config import ScheduleConfig, config_from_dict
 from training.data.common import TensorImageDataset
 from training.networks import create_model
@@ -24,14 +24,15 @@ def _synthetic(n: int, seed: int) -> TensorImageDataset:
     return TensorImageDataset(images, labels)
 
 
-def _config(out_dir, epochs: int = 2, schedule: str = "cosine", optim: str = "adam", max_steps: int | None = None):
+def _config(out_dir, epochs: int = 2, schedule: str = "cosine", optim: str = "adam", max_steps: int | None = None,
+            **run):
     return config_from_dict({
         "model": {"name": "gsa_tiny_r4", "overrides": DROPOUT},
         "optim": {"name": optim, "lr": 1e-2, "weight_decay": 1e-4},
         "schedule": {"name": schedule, "warmup_epochs": 0.5, "milestones": [1]},
         "train": {"epochs": epochs, "batch_size": 8, "eval_batch_size": 16, "seed": 0, "device": "cpu",
                   "out_dir": str(out_dir), "progress": False, "grad_clip": 1.0, "label_smoothing": 0.1,
-                  "max_steps_per_epoch": max_steps},
+                  "max_steps_per_epoch": max_steps, **run},
     })
 
 
@@ -174,3 +175,38 @@ def test_bf16_autocast_step_runs_attention_in_float32(form):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(x).float()
     assert (low - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_rotation_augmentation_resumes_exactly_and_changes_training(data, uninterrupted, tmp_path):
+    full = _trainer(tmp_path / "full", *data, augment_rotation=True)
+    full.fit()
+    first = _trainer(tmp_path / "cut", *data, augment_rotation=True)
+    first.fit(stop_after=1)
+    resumed = _trainer(tmp_path / "cut", *data, seed=123, augment_rotation=True)
+    resumed.resume(tmp_path / "cut" / LATEST)
+    resumed.fit()
+    _assert_same_state(resumed.model.state_dict(), full.model.state_dict(), "weight")
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
+    # same seeds and batches without augmentation give other losses: the images were rotated
+    assert [r["train_loss"] for r in full.history] != [r["train_loss"] for r in uninterrupted.history]
+
+
+def test_init_from_loads_the_weights_and_starts_fresh(data, uninterrupted, tmp_path):
+    source = uninterrupted.out_dir / LATEST
+    trainer = _trainer(tmp_path, *data, seed=7, init_from=str(source))
+    _assert_same_state(trainer.model.state_dict(), load_checkpoint(source)["model_state"], "weight")
+    assert trainer.epoch == 0 and trainer.global_step == 0 and trainer.best is None
+    assert trainer.optimizer.state_dict()["state"] == {}
+    trainer.fit(stop_after=1)
+    assert trainer.config.train.init_from == str(source)
+    assert load_checkpoint(tmp_path / LATEST)["train_config"]["train"]["init_from"] == str(source)
+
+
+def test_init_from_refuses_another_model(data, uninterrupted, tmp_path):
+    seed_everything(0)
+    model = create_model("gsa_tiny_r4", attn_drop=0.2, value_drop=0.1)
+    config = _config(tmp_path, init_from=str(uninterrupted.out_dir / LATEST))
+    with pytest.raises(CheckpointError, match="another config"):
+        Trainer(model, *data, config)
+    with pytest.raises(CheckpointError, match="no such file"):
+        _trainer(tmp_path, *data, init_from=str(tmp_path / "missing.pt"))

@@ -25,7 +25,7 @@ def rotate_bilinear(images: torch.Tensor, angles: torch.Tensor | float, chunk: i
         chunk: Images per ``grid_sample`` call (bounds memory on large sets).
     """
     n = images.shape[0]
-    angles = torch.as_tensor(angles, dtype=torch.float64)
+    angles = torch.as_tensor(angles, dtype=torch.float64, device=images.device)
     if angles.dim() == 0:
         angles = angles.expand(n)
     if angles.shape != (n,):
