@@ -55,34 +55,117 @@ def _gather(k: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
     return k.index_select(2, idx).view(b, nh, n, -1, d)  # B, nh, n, J, d
 
 
-def _dropout_mask(shape, p: float, seed: int, device) -> torch.Tensor:
-    gen = torch.Generator(device=device).manual_seed(seed)
-    return torch.empty(shape, device=device).bernoulli_(1.0 - p, generator=gen).div_(1.0 - p)
-
-
 def _chunks(x_total: int, n: int):
     for start in range(0, x_total, n):
         yield start, min(start + n, x_total)
 
 
-def _chunk_forward(form, qc, kwin, vwin, table, bias, p_drop, seed):
-    a = torch.softmax(attention_scores(form, qc, kwin, table, bias), dim=-1)
-    if p_drop > 0:
-        a = a * _dropout_mask(a.shape, p_drop, seed, a.device)
+class _Workspace:
+    """Flat buffers reused by every chunk of one layer call: the first (largest) chunk allocates
+    them, later chunks take views of their front. Without it each chunk allocated a dozen
+    score-sized temporaries, and glibc kept the freed ones mapped (the resident set grew to about
+    twice the live memory) or, with a fixed mmap threshold, faulted fresh pages in for every chunk.
+    """
+
+    def __init__(self, like: torch.Tensor):
+        self.dtype, self.device = like.dtype, like.device
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape) -> torch.Tensor:
+        numel = 1
+        for size in shape:
+            numel *= size
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=self.dtype, device=self.device)
+            self.buffers[name] = buf
+        return buf[:numel].view(shape)
+
+
+def _gather_into(ws: _Workspace, name: str, k: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """:func:`_gather` into a workspace buffer: ``[B, nh, n, J, d]``."""
+    b, nh, _, gk, d = k.shape
+    out = ws.get(name, (b, nh, idx.numel(), gk, d))
+    torch.index_select(k, 2, idx, out=out)
+    return out.view(b, nh, n, -1, d)
+
+
+def _probabilities(ws: _Workspace, form, qc, kwin, table, bias) -> torch.Tensor:
+    """Softmax of a chunk's scores in the workspace: paper ``[B, nh, n, Gq, G, J]``, aligned
+    ``[B, nh, n, G, J]`` (the same maths as :func:`attention_scores`, without temporaries)."""
+    b, nh, n, gq, d = qc.shape
+    j = kwin.shape[3]
+    content = ws.get("content", (b, nh, n, gq, j))
+    torch.matmul(qc, kwin.transpose(-1, -2), out=content)
+    if bias is not None:
+        p = bias.shape[-1]
+        content.view(b, nh, n, gq, p, j // p).add_(bias.view(n, 1, p, 1))
     if form == "paper":
-        a = a.sum(dim=3)  # B, nh, n, G, J: sum over query orientations before the values
-    return a @ vwin  # B, nh, n, G, d
+        g = table.shape[1] // j
+        s = ws.get("scores", (b, nh, n, gq, g, j))
+        torch.mm(qc.reshape(-1, d), table, out=s.view(-1, g * j))
+        s.add_(content.unsqueeze(4))
+    else:
+        pos = ws.get("pos", (gq, b * nh * n, j))
+        torch.bmm(qc.permute(3, 0, 1, 2, 4).reshape(gq, -1, d), table, out=pos)
+        s = ws.get("scores", (b, nh, n, gq, j))
+        torch.add(content, pos.view(gq, b, nh, n, j).permute(1, 2, 3, 0, 4), out=s)
+    return torch._softmax(s, -1, False, out=s)
+
+
+def _mask_into(ws: _Workspace, shape, p: float, seed: int) -> torch.Tensor:
+    """A chunk's dropout mask (kept with probability 1 - p, scaled by 1 / (1 - p)), regenerated
+    from its seed in the backward pass."""
+    gen = torch.Generator(device=ws.device).manual_seed(seed)
+    return ws.get("mask", shape).bernoulli_(1.0 - p, generator=gen).div_(1.0 - p)
+
+
+def _chunk_forward(ws, form, qc, kwin, vwin, table, bias, p_drop, seed, out):
+    """One chunk's output written into ``out`` ``[B, nh, n, G, d]``."""
+    a = _probabilities(ws, form, qc, kwin, table, bias)
+    if p_drop > 0:
+        a.mul_(_mask_into(ws, a.shape, p_drop, seed))
+    if form == "paper":
+        b, nh, n, _, g, j = a.shape
+        a = torch.sum(a, dim=3, out=ws.get("summed", (b, nh, n, g, j)))  # over query orientations
+    out.copy_(torch.matmul(a, vwin, out=ws.get("out", out.shape)))
+
+
+def _run_chunks(q, k, v, table, form, index, bias, row_outside, n, p_drop, seeds):
+    """Forward over all chunks into one ``[B, nh, X, G, d]`` tensor, sharing one workspace."""
+    b, nh, x_total, _, _ = q.shape
+    g = table.shape[1] // (index.shape[1] * k.shape[3]) if form == "paper" else table.shape[0]
+    out = q.new_empty(b, nh, x_total, g, v.shape[-1])
+    ws = _Workspace(q)
+    for (start, stop), seed in zip(_chunks(x_total, n), seeds):
+        idx = index[start:stop].reshape(-1)
+        bias_c = bias[start:stop] if bias is not None and any(row_outside[start:stop]) else None
+        kwin, vwin = _gather_into(ws, "kwin", k, idx, stop - start), _gather_into(ws, "vwin", v, idx, stop - start)
+        _chunk_forward(ws, form, q[:, :, start:stop], kwin, vwin, table, bias_c, p_drop, seed, out[:, :, start:stop])
+    return out
+
+
+def _seeds(x_total: int, n: int, p_drop: float) -> list[int]:
+    """One dropout seed per chunk, so the backward pass can regenerate each chunk's mask."""
+    return [int(torch.randint(0, 2**62, ())) if p_drop > 0 else 0 for _ in _chunks(x_total, n)]
 
 
 def inference_attention(form, q, k, v, table, index, bias, row_outside, n, p_drop=0.0):
     """Forward only (no autograd): ``[B, nh, X, G, d]``."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return _traceable_attention(form, q, k, v, table, index, bias, row_outside, n)
+    return _run_chunks(q, k, v, table, form, index, bias, row_outside, n, p_drop, _seeds(q.shape[2], n, p_drop))
+
+
+def _traceable_attention(form, q, k, v, table, index, bias, row_outside, n):
+    """The same forward in plain functional ops, for graph capture (ONNX export)."""
     outs = []
     for start, stop in _chunks(q.shape[2], n):
         idx = index[start:stop].reshape(-1)
         bias_c = bias[start:stop] if bias is not None and any(row_outside[start:stop]) else None
-        seed = int(torch.randint(0, 2**62, ())) if p_drop > 0 else 0
         kwin, vwin = _gather(k, idx, stop - start), _gather(v, idx, stop - start)
-        outs.append(_chunk_forward(form, q[:, :, start:stop], kwin, vwin, table, bias_c, p_drop, seed))
+        a = torch.softmax(attention_scores(form, q[:, :, start:stop], kwin, table, bias_c), dim=-1)
+        outs.append((a.sum(dim=3) if form == "paper" else a) @ vwin)
     return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
 
@@ -91,68 +174,69 @@ class WindowAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, table, form, index, bias, row_outside, n, p_drop):
-        seeds = [int(torch.randint(0, 2**62, ())) if p_drop > 0 else 0 for _ in _chunks(q.shape[2], n)]
-        outs = []
-        for (start, stop), seed in zip(_chunks(q.shape[2], n), seeds):
-            idx = index[start:stop].reshape(-1)
-            bias_c = bias[start:stop] if bias is not None and any(row_outside[start:stop]) else None
-            kwin, vwin = _gather(k, idx, stop - start), _gather(v, idx, stop - start)
-            outs.append(_chunk_forward(form, q[:, :, start:stop], kwin, vwin, table, bias_c, p_drop, seed))
+        seeds = _seeds(q.shape[2], n, p_drop)
+        out = _run_chunks(q, k, v, table, form, index, bias, row_outside, n, p_drop, seeds)
         ctx.save_for_backward(q, k, v, table)
         ctx.meta = (form, index, bias, row_outside, n, p_drop, seeds)
-        return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+        return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, table = ctx.saved_tensors
         form, index, bias, row_outside, n, p_drop, seeds = ctx.meta
-        dq, dk, dv, dtable = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(table)
+        dq, dk, dv, dtable = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(table)
         dout = dout.contiguous()
+        ws = _Workspace(q)
+        b, nh, _, gk, d = k.shape
         for (start, stop), seed in zip(_chunks(q.shape[2], n), seeds):
             idx = index[start:stop].reshape(-1)
             bias_c = bias[start:stop] if bias is not None and any(row_outside[start:stop]) else None
-            kwin, vwin = _gather(k, idx, stop - start), _gather(v, idx, stop - start)
-            qc = q[:, :, start:stop]
-            grads = _chunk_backward(form, qc, kwin, vwin, table, bias_c, p_drop, seed, dout[:, :, start:stop])
-            dqc, dkwin, dvwin, dtab = grads
+            kwin, vwin = _gather_into(ws, "kwin", k, idx, stop - start), _gather_into(ws, "vwin", v, idx, stop - start)
+            dqc, dkwin, dvwin = _chunk_backward(ws, form, q[:, :, start:stop], kwin, vwin, table, bias_c, p_drop,
+                                                seed, dout[:, :, start:stop], dtable)
             dq[:, :, start:stop] = dqc
-            b, nh, _, gk, d = k.shape
-            dk.index_add_(2, idx, dkwin.reshape(b, nh, -1, gk, d))
-            dv.index_add_(2, idx, dvwin.reshape(b, nh, -1, gk, d))
-            dtable += dtab
+            dk.index_add_(2, idx, dkwin.view(b, nh, -1, gk, d))
+            dv.index_add_(2, idx, dvwin.view(b, nh, -1, gk, d))
         return dq, dk, dv, dtable, None, None, None, None, None, None
 
 
-def _chunk_backward(form, qc, kwin, vwin, table, bias, p_drop, seed, doutc):
-    """Gradients of one chunk: ``(dq [B,nh,n,Gq,d], dkwin [B,nh,n,J,d], dvwin, dtable)``."""
+def _chunk_backward(ws, form, qc, kwin, vwin, table, bias, p_drop, seed, doutc, dtable):
+    """Gradients of one chunk ``(dq [B,nh,n,Gq,d], dkwin [B,nh,n,J,d], dvwin)``, each a workspace
+    view valid until the next chunk; the table's gradient is accumulated into ``dtable``."""
     b, nh, n, gq, d = qc.shape
     j = kwin.shape[3]
-    a = torch.softmax(attention_scores(form, qc, kwin, table, bias), dim=-1)  # paper: B,nh,n,Gq,G,J
-    mask = _dropout_mask(a.shape, p_drop, seed, a.device) if p_drop > 0 else None
-    a_used = a * mask if mask is not None else a
-    a_out = a_used.sum(dim=3) if form == "paper" else a_used  # B, nh, n, G, J
-    dvwin = a_out.transpose(-1, -2) @ doutc  # B, nh, n, J, d
-    da = doutc @ vwin.transpose(-1, -2)  # B, nh, n, G, J
+    a = _probabilities(ws, form, qc, kwin, table, bias)  # paper: B,nh,n,Gq,G,J; aligned: B,nh,n,G,J
+    g = a.shape[-2]
+    mask = _mask_into(ws, a.shape, p_drop, seed) if p_drop > 0 else None
+    ds = ws.get("ds", a.shape)
+    a_used = torch.mul(a, mask, out=ds) if mask is not None else a
+    a_out = torch.sum(a_used, dim=3, out=ws.get("summed", (b, nh, n, g, j))) if form == "paper" else a_used
+    dvwin = torch.matmul(a_out.transpose(-1, -2), doutc, out=ws.get("dvwin", (b, nh, n, j, d)))
+    da = torch.matmul(doutc, vwin.transpose(-1, -2), out=ws.get("da", (b, nh, n, g, j)))
     if form == "paper":
         da = da.unsqueeze(3)  # broadcast over query orientations: B, nh, n, 1, G, J
-    ds = a * (da * mask if mask is not None else da)  # softmax backward: a (da - sum_j a da)
+    # softmax backward: ds = a * (da' - sum_j a da'), with da' = da * mask
+    if mask is not None:
+        torch.mul(mask, da, out=ds).mul_(a)
+    else:
+        torch.mul(a, da, out=ds)
     ds.addcmul_(a, ds.sum(-1, keepdim=True), value=-1.0)
-    del a, a_used
+    dq = ws.get("dq", (b, nh, n, gq, d))
     if form == "paper":
-        g = ds.shape[4]
-        dc = ds.sum(dim=4)  # B, nh, n, Gq, J
+        dc = torch.sum(ds, dim=4, out=ws.get("dc", (b, nh, n, gq, j)))  # B, nh, n, Gq, J
         ds2 = ds.view(-1, g * j)  # B nh n Gq, G J
-        dq = (ds2 @ table.t()).view(b, nh, n, gq, d) + dc @ kwin  # B, nh, n, Gq, d
-        dtable = qc.reshape(-1, d).t() @ ds2  # d, G J
+        torch.mm(ds2, table.t(), out=dq.view(-1, d))
+        dtable.addmm_(qc.reshape(-1, d).t(), ds2)  # d, G J
     else:
         dc = ds  # B, nh, n, G, J
         dsg = ds.permute(3, 0, 1, 2, 4).reshape(gq, -1, j)  # G, B nh n, J
         qg = qc.permute(3, 0, 1, 2, 4).reshape(gq, -1, d)  # G, B nh n, d
-        dq_pos = torch.bmm(dsg, table.transpose(1, 2)).view(gq, b, nh, n, d).permute(1, 2, 3, 0, 4)
-        dq = dq_pos + dc @ kwin  # B, nh, n, G, d
-        dtable = torch.bmm(qg.transpose(1, 2), dsg)  # G, d, J
-    dkwin = dc.transpose(-1, -2) @ qc  # B, nh, n, J, d
-    return dq, dkwin, dvwin, dtable
+        dq_pos = torch.bmm(dsg, table.transpose(1, 2), out=ws.get("dq_pos", (gq, b * nh * n, d)))
+        dq.copy_(dq_pos.view(gq, b, nh, n, d).permute(1, 2, 3, 0, 4))
+        dtable.baddbmm_(qg.transpose(1, 2), dsg)  # G, d, J
+    dq.view(-1, gq, d).baddbmm_(dc.reshape(-1, gq, j), kwin.reshape(-1, j, d))  # + content term
+    dkwin = torch.matmul(dc.transpose(-1, -2), qc, out=ws.get("dkwin", (b, nh, n, j, d)))
+    return dq, dkwin, dvwin
 
 
 def window_attention(form, q, k, v, table, index, bias, row_outside, n, p_drop=0.0):
