@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--max-samples", type=int, help="evaluate only the first N samples")
     ev.add_argument("--device", default="auto")
+    ev.add_argument("--chunk-elements", type=int, metavar="N",
+                    help="scores per attention chunk (default: the checkpoint's; outputs do not depend on it, "
+                         "speed does: 2^20 suits CPU caches, 2^24 a GPU)")
     ev.add_argument("--output", type=Path, help="also write the JSON report here")
     ev.add_argument("--no-progress", action="store_true")
     return parser
@@ -97,7 +100,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate_rotations
     from training.trainer import resolve_device
 
+    if args.chunk_elements is not None and args.chunk_elements < 1:
+        raise ValueError(f"--chunk-elements must be >= 1, got {args.chunk_elements}")
     model, ckpt = load_model(args.checkpoint)
+    if args.chunk_elements is not None:
+        for layer in model.attention_layers():
+            layer.chunk_elements = args.chunk_elements
     trained_on = (ckpt.get("train_config") or {}).get("data", {})
     name = args.dataset or trained_on.get("name")
     if name is None:

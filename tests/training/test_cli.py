@@ -174,10 +174,23 @@ def test_cli_evaluate_reports_rotations(tiny_run, capsys):
     assert len(report["per_class_accuracy"]) == 10
 
 
+def test_cli_evaluate_chunk_size_changes_nothing_but_speed(tiny_run, capsys):
+    root, npz, _ = tiny_run
+    argv = ["evaluate", "--checkpoint", str(root / "run" / "checkpoint_best.pt"), "--data", str(npz),
+            "--split", "val", "--angle-step", "90", "--no-progress"]
+    assert main(argv) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--chunk-elements", "64"]) == 0
+    small = json.loads(capsys.readouterr().out)
+    assert small["loss"] == pytest.approx(default["loss"], rel=1e-5)
+    assert small["rotations"] == default["rotations"] and small["rot90"] == default["rot90"]
+
+
 @pytest.mark.parametrize(
     "argv, match",
     [
         (["train", "--set", "train.bach_size=8"], "unknown keys"),
+        (["evaluate", "--checkpoint", "x.pt", "--data", "x", "--chunk-elements", "0"], "--chunk-elements must be >= 1"),
         (["train", "--set", "data.root=/nonexistent/mnist.npz"], "/nonexistent/mnist.npz"),
         (["evaluate", "--checkpoint", "/nonexistent.pt", "--data", "x"], "/nonexistent.pt: no such file"),
     ],
