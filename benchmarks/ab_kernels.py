@@ -1,0 +1,82 @@
+"""A/B of the attention kernel against an earlier commit's, on the RotMNIST R4 net (paper form).
+
+Loads ``training/attention_kernels.py`` as it was at REV (``git show``) beside the working tree's
+and alternates them step by step in one process, on the same weights (SGD with lr 0, so every step
+sees the same model), so that drift of a shared machine hits both alike. Prints images/s of each
+(best of the steps after the first) for a training step at batch 8 and inference at batch 64.
+
+    python benchmarks/ab_kernels.py 1f8b654 [--steps 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import training.attention_base as base  # noqa: E402
+import training.attention_kernels as current  # noqa: E402
+from training.networks import create_model  # noqa: E402
+
+
+def load_revision(rev: str, folder: Path):
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:training/attention_kernels.py"],
+                            capture_output=True, text=True, check=True).stdout
+    path = folder / "attention_kernels_at_rev.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("attention_kernels_at_rev", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("rev", help="git revision of the kernel to compare against")
+    parser.add_argument("--steps", type=int, default=4, help="steps of each kernel (the first is a warm-up)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        kernels = {args.rev: load_revision(args.rev, Path(tmp)), "working tree": current}
+        torch.manual_seed(0)
+        for mode, batch in (("train", 8), ("infer", 64)):
+            model = create_model("gsa_rotmnist_r4")
+            x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+            opt = torch.optim.SGD(model.parameters(), lr=0.0)
+
+            def step() -> None:
+                if mode == "train":
+                    model.train()
+                    loss = torch.nn.functional.cross_entropy(model(x), y)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                else:
+                    model.eval()
+                    with torch.no_grad():
+                        model(x)
+
+            times: dict[str, list[float]] = {name: [] for name in kernels}
+            for _ in range(args.steps):
+                for name, module in kernels.items():
+                    base.window_attention = module.window_attention
+                    start = time.perf_counter()
+                    step()
+                    times[name].append(time.perf_counter() - start)
+            best = {name: min(t[1:]) for name, t in times.items()}
+            rates = ", ".join(f"{name} {batch / best[name]:.2f} images/s" for name in kernels)
+            print(f"{mode} b{batch}: {rates}; working tree / {args.rev} = "
+                  f"{best[args.rev] / best['working tree']:.2f}x (best of {args.steps - 1})", flush=True)
+        base.window_attention = current.window_attention
+
+
+if __name__ == "__main__":
+    main()
