@@ -23,7 +23,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
 import training.attention_base as base  # noqa: E402
+from bench_layers import make_step  # noqa: E402
 import training.attention_kernels as current  # noqa: E402
 from training.networks import create_model  # noqa: E402
 
@@ -50,26 +53,14 @@ def main() -> None:
         for mode, batch in (("train", 8), ("infer", 64)):
             model = create_model("gsa_rotmnist_r4")
             x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
-            opt = torch.optim.SGD(model.parameters(), lr=0.0)
-
-            def step() -> None:
-                if mode == "train":
-                    model.train()
-                    loss = torch.nn.functional.cross_entropy(model(x), y)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                else:
-                    model.eval()
-                    with torch.no_grad():
-                        model(x)
+            step = make_step(model, torch.optim.SGD(model.parameters(), lr=0.0), mode)
 
             times: dict[str, list[float]] = {name: [] for name in kernels}
             for _ in range(args.steps):
                 for name, module in kernels.items():
                     base.window_attention = module.window_attention
                     start = time.perf_counter()
-                    step()
+                    step(x, y)
                     times[name].append(time.perf_counter() - start)
             best = {name: min(t[1:]) for name, t in times.items()}
             rates = ", ".join(f"{name} {batch / best[name]:.2f} images/s" for name in kernels)

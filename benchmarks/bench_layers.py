@@ -111,6 +111,25 @@ def make_naive(model):
 
 
 # ---- one measurement, in a subprocess -------------------------------------------------------
+def make_step(model, opt, mode: str):
+    """``step(images, labels)``: a training step (forward, backward, optimizer) or a forward pass."""
+    import torch
+
+    def step(images, labels) -> None:
+        if mode == "train":
+            model.train()
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        else:
+            model.eval()
+            with torch.no_grad():
+                model(images)
+
+    return step
+
+
 def measure(spec: dict) -> dict:
     import torch
 
@@ -124,20 +143,7 @@ def measure(spec: dict) -> dict:
     bs = spec["batch"]
     x = torch.rand(bs, cfg.in_chans, cfg.img_size, cfg.img_size)
     y = torch.randint(0, cfg.num_classes, (bs,))
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-
-    def step(images, labels):
-        if spec["mode"] == "train":
-            model.train()
-            loss = torch.nn.functional.cross_entropy(model(images), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        else:
-            model.eval()
-            with torch.no_grad():
-                model(images)
-
+    step = make_step(model, torch.optim.Adam(model.parameters(), 1e-3), spec["mode"])
     step(x[:1], y[:1])  # one-time initialisation (kernels, thread pools, caches) outside the peak
     base = rss_mb()
     reset_peak()
