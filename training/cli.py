@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-samples", type=int, help="evaluate only the first N samples")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--chunk-elements", type=int, metavar="N",
-                    help="scores per attention chunk (default: the checkpoint's; outputs do not depend on it, "
-                         "speed does: 2^20 suits CPU caches, 2^24 a GPU)")
+                    help="scores per attention chunk (default: the checkpoint's, at most 2^20 on CPU; outputs do not "
+                         "depend on it, speed does: 2^20 suits CPU caches, 2^24 a GPU)")
     ev.add_argument("--output", type=Path, help="also write the JSON report here")
     ev.add_argument("--no-progress", action="store_true")
     return parser
@@ -95,6 +95,7 @@ def _parse_options(items: Sequence[str]) -> dict[str, Any]:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from training.attention_base import DEFAULT_CHUNK_ELEMENTS
     from training.checkpoint import load_model
     from training.data.factory import build_dataset
     from training.evaluate import evaluate_rotations
@@ -103,9 +104,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.chunk_elements is not None and args.chunk_elements < 1:
         raise ValueError(f"--chunk-elements must be >= 1, got {args.chunk_elements}")
     model, ckpt = load_model(args.checkpoint)
-    if args.chunk_elements is not None:
+    device = resolve_device(args.device)
+    chunk = args.chunk_elements
+    if chunk is None and device.type == "cpu":
+        chunk = min(model.config.chunk_elements, DEFAULT_CHUNK_ELEMENTS)  # GPU-sized chunks thrash CPU caches
+    if chunk is not None:
         for layer in model.attention_layers():
-            layer.chunk_elements = args.chunk_elements
+            layer.chunk_elements = chunk
     trained_on = (ckpt.get("train_config") or {}).get("data", {})
     name = args.dataset or trained_on.get("name")
     if name is None:
@@ -115,7 +120,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     dataset = build_dataset(name, args.data, args.split, **options)
     if args.max_samples is not None:
         dataset = Subset(dataset, range(min(args.max_samples, len(dataset))))
-    device = resolve_device(args.device)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
     angles = [i * args.angle_step for i in range(int(360 // args.angle_step))] if args.angle_step > 0 else []
     report = evaluate_rotations(model.to(device), loader, model.config.num_classes, device, angles,
