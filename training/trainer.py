@@ -166,17 +166,22 @@ class Trainer:
             "data_fingerprint": self.fingerprint,
         }
 
+    def _load_same_model(self, path: str | Path, advice: str) -> dict[str, Any]:
+        """Read a checkpoint and check that it holds the configured model (name and config)."""
+        ckpt = load_checkpoint(path)
+        name, model_config = model_metadata(self.model)
+        if ckpt["model_name"] != name or ckpt["model_config"] != model_config:
+            raise CheckpointError(path, f"checkpoint holds model {ckpt['model_name']!r} with another config than "
+                                        f"the configured {name!r}; {advice}")
+        return ckpt
+
     def init_weights(self, path: str | Path) -> None:
         """Load only the model weights of ``path`` (a checkpoint of the same model and config).
 
         Raises:
             CheckpointError: Unreadable checkpoint, another model, or weights that do not fit.
         """
-        ckpt = load_checkpoint(path)
-        name, model_config = model_metadata(self.model)
-        if ckpt["model_name"] != name or ckpt["model_config"] != model_config:
-            raise CheckpointError(path, f"train.init_from holds model {ckpt['model_name']!r} with another config than "
-                                        f"the configured {name!r}; use a checkpoint of the same model settings")
+        ckpt = self._load_same_model(path, "use a checkpoint of the same model settings")
         try:
             self.model.load_state_dict(ckpt["model_state"])
         except RuntimeError as exc:
@@ -193,11 +198,7 @@ class Trainer:
             CheckpointError: Unreadable checkpoint, or one of a different model.
             DataMismatchError: The checkpoint was trained on different data (unless ``force``).
         """
-        ckpt = load_checkpoint(path)
-        name, model_config = model_metadata(self.model)
-        if ckpt["model_name"] != name or ckpt["model_config"] != model_config:
-            raise CheckpointError(path, f"checkpoint holds model {ckpt['model_name']!r} with another config than "
-                                        f"the configured {name!r}; resume with the same model settings")
+        ckpt = self._load_same_model(path, "resume with the same model settings")
         if ckpt.get("data_fingerprint") != self.fingerprint:
             if not force:
                 raise DataMismatchError(path, "data fingerprint differs from the checkpoint's (different files, "
