@@ -100,6 +100,9 @@ class RunConfig:
     optimizer, schedule and epoch start fresh). ``augment_rotation`` rotates every training image
     by its own angle, uniform in [0, 2 pi), bilinearly, on the training device; the angles come
     from a generator seeded with ``(seed, epoch)``, so resumed runs stay exact.
+    ``ema_decay`` (e.g. 0.999) keeps an exponential moving average of the weights, updated after
+    every optimizer step; validation, the best checkpoint and ``model_state`` then use the
+    averaged weights (the raw ones are saved too, for resuming).
     """
 
     epochs: int = 10
@@ -115,6 +118,7 @@ class RunConfig:
     max_steps_per_epoch: int | None = None
     init_from: str | None = None
     augment_rotation: bool = False
+    ema_decay: float | None = None
 
 
 @dataclass
@@ -233,6 +237,7 @@ def _check_values(config: TrainConfig, source: str) -> None:
         (config.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (0 <= config.train.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),
         (config.train.grad_clip is None or config.train.grad_clip > 0, "train.grad_clip must be > 0 or null"),
+        (config.train.ema_decay is None or 0 < config.train.ema_decay < 1, "train.ema_decay must be in (0, 1) or null"),
         (config.schedule.warmup_epochs >= 0, "schedule.warmup_epochs must be >= 0"),
         (config.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (config.data.val_split != "test", "data.val_split must not be the test set"),

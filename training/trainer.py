@@ -3,7 +3,8 @@
 The trainer takes any ``nn.Module`` mapping images ``[B, C, H, W]`` to logits ``[B, K]``, a
 training set, a validation set (never the test set) and a :class:`~training.config.TrainConfig`.
 It owns the optimizer, the per-step learning-rate schedule, mixed precision (bf16 autocast on
-CUDA only), gradient clipping, seeding, checkpoints (latest and best on validation accuracy), a
+CUDA only), gradient clipping, an optional exponential moving average of the weights
+(:class:`torch.optim.swa_utils.AveragedModel`), seeding, checkpoints (latest and best on validation accuracy), a
 JSON-lines metrics log and a progress bar.
 
 Exact resumption: the order of each epoch's batches comes from a DataLoader generator seeded
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -139,6 +141,9 @@ class Trainer:
             self.steps_per_epoch = min(self.steps_per_epoch, self.run.max_steps_per_epoch)
         if self.run.init_from:
             self.init_weights(self.run.init_from)
+        # The average starts as a copy of the (possibly initialised) weights at the first update.
+        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.run.ema_decay))
+                    if self.run.ema_decay else None)
         self.optimizer = build_optimizer(self.model.parameters(), config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.schedule, self.steps_per_epoch, self.run.epochs)
         self.epoch = 0
@@ -155,11 +160,24 @@ class Trainer:
         )
 
     # ---- checkpoints -------------------------------------------------------------------------
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that are validated and exported: the moving average when enabled."""
+        return self.ema.module if self.ema is not None and int(self.ema.n_averaged) > 0 else self.model
+
     def state_dict(self) -> dict[str, Any]:
+        """``model_state`` holds the validated weights (the average with ``ema_decay``); the raw
+        training weights then go to ``raw_model_state`` and the count of averaged steps to
+        ``ema_n_averaged``."""
         name, model_config = model_metadata(self.model)
+        def cpu(module: nn.Module) -> dict[str, torch.Tensor]:
+            return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        extra = {}
+        if self.ema is not None:
+            extra = {"raw_model_state": cpu(self.model), "ema_n_averaged": int(self.ema.n_averaged)}
         return {
             "model_name": name, "model_config": model_config,
-            "model_state": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "model_state": cpu(self.eval_model), **extra,
             "optimizer_state": self.optimizer.state_dict(), "scheduler_state": self.scheduler.state_dict(),
             "epoch": self.epoch, "global_step": self.global_step, "rng": capture_rng_state(),
             "history": self.history, "best": self.best, "train_config": config_to_dict(self.config),
@@ -204,7 +222,14 @@ class Trainer:
                 raise DataMismatchError(path, "data fingerprint differs from the checkpoint's (different files, "
                                               "split or seeds); pass force to resume anyway")
             logger.warning("%s: resuming on data with a different fingerprint (forced)", path)
-        self.model.load_state_dict(ckpt["model_state"])
+        self.model.load_state_dict(ckpt.get("raw_model_state", ckpt["model_state"]))
+        if self.ema is not None:
+            # Without a saved average (EMA switched on at resume) it restarts from these weights.
+            self.ema.module.load_state_dict(ckpt["model_state"])
+            self.ema.n_averaged.fill_(int(ckpt.get("ema_n_averaged", 0)))
+        elif "raw_model_state" in ckpt:
+            logger.warning("%s: resuming without ema_decay from a run that averaged its weights; "
+                           "training continues from the raw weights", path)
         self.optimizer.load_state_dict(ckpt["optimizer_state"])
         self.scheduler.load_state_dict(ckpt["scheduler_state"])
         self.epoch, self.global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
@@ -265,6 +290,8 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.run.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         self.global_step += 1
         return float(loss.detach()), int((logits.detach().argmax(-1) == y).sum())
 
@@ -286,7 +313,7 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]
             train_loss, train_acc, seen = self._train_epoch()
             train_time = time.perf_counter() - start
-            val = evaluate_loader(self.model, self.val_loader, self.device, self.amp_dtype)
+            val = evaluate_loader(self.eval_model, self.val_loader, self.device, self.amp_dtype)
             self.epoch += 1
             record = {
                 "epoch": self.epoch, "step": self.global_step, "lr": lr,

@@ -210,3 +210,45 @@ def test_init_from_refuses_another_model(data, uninterrupted, tmp_path):
         Trainer(model, *data, config)
     with pytest.raises(CheckpointError, match="no such file"):
         _trainer(tmp_path, *data, init_from=str(tmp_path / "missing.pt"))
+
+
+def test_ema_is_the_average_of_the_steps_and_resumes_exactly(data, tmp_path):
+    decay = 0.5
+    full = _trainer(tmp_path / "full", *data, ema_decay=decay)
+    # The average by hand: the first update copies, each later one is decay * avg + (1 - decay) * w.
+    expected, steps = None, []
+    full.optimizer.register_step_post_hook(
+        lambda *_: steps.append({k: v.detach().clone() for k, v in full.model.named_parameters()}))
+    full.fit()
+    for weights in steps:
+        expected = dict(weights) if expected is None else {
+            k: decay * expected[k] + (1 - decay) * w for k, w in weights.items()}
+    averaged = dict(full.ema.module.named_parameters())
+    for k, v in expected.items():
+        torch.testing.assert_close(averaged[k], v, rtol=1e-6, atol=1e-7)
+    assert int(full.ema.n_averaged) == len(steps) == 4
+    # the checkpoint's model_state (validated, exported) is the average, the raw weights beside it
+    ckpt = load_checkpoint(tmp_path / "full" / LATEST)
+    _assert_same_state(ckpt["model_state"], full.ema.module.state_dict(), "averaged weight")
+    _assert_same_state(ckpt["raw_model_state"], full.model.state_dict(), "raw weight")
+    assert not all(torch.equal(ckpt["model_state"][k], ckpt["raw_model_state"][k]) for k in expected)
+    # validation used the averaged weights
+    from training.evaluate import evaluate_loader
+    val = evaluate_loader(full.ema.module, full.val_loader, full.device)
+    assert full.history[-1]["val_loss"] == pytest.approx(val["loss"], rel=1e-6)
+
+    first = _trainer(tmp_path / "cut", *data, ema_decay=decay)
+    first.fit(stop_after=1)
+    resumed = _trainer(tmp_path / "cut", *data, seed=123, ema_decay=decay)
+    resumed.resume(tmp_path / "cut" / LATEST)
+    resumed.fit()
+    _assert_same_state(resumed.model.state_dict(), full.model.state_dict(), "raw weight")
+    _assert_same_state(resumed.ema.module.state_dict(), full.ema.module.state_dict(), "averaged weight")
+    assert int(resumed.ema.n_averaged) == 4
+
+
+def test_ema_decay_must_be_a_fraction(tmp_path):
+    from training.config import ConfigError
+    for bad in (0, 1, 1.5, -0.1):
+        with pytest.raises(ConfigError, match="ema_decay"):
+            _config(tmp_path, ema_decay=bad)
