@@ -11,8 +11,10 @@ Needs onnxruntime-gpu and a CUDA device. For each model version it prints:
 2. the equivariance error (relative, logits and orientation responses) under the grid-exact
    elements of the group;
 3. images/s at each batch size (uint8 images in, every contract output back on the host, as the
-   service runs them), and the GPU memory each session took (device free memory before the
-   session and after its largest batch; ONNX Runtime's arena included).
+   service runs them).
+
+GPU memory is not reported: device free memory around a session also moves with the arenas of
+the sessions before it (a first version printed negative figures).
 """
 
 from __future__ import annotations
@@ -105,8 +107,6 @@ def bench_version(version: Path, pixels: torch.Tensor, labels: torch.Tensor, arg
     torch.cuda.empty_cache()
 
     for name, (graph, providers) in configs(version).items():
-        torch.cuda.synchronize()
-        free_before = torch.cuda.mem_get_info()[0]
         session = ort.InferenceSession(str(graph), providers=providers)
 
         def run(batch: np.ndarray, session=session) -> dict:
@@ -120,7 +120,6 @@ def bench_version(version: Path, pixels: torch.Tensor, labels: torch.Tensor, arg
             "equivariance_error": equivariance_error(run, pixels[:32], model.group),
             "images_per_s": {b: throughput(run, b, size, args.min_time) for b in args.batches},
         }
-        row["gpu_memory_mb"] = (free_before - torch.cuda.mem_get_info()[0]) / 2**20
         report["configs"][name] = row
         del session
     return report
@@ -148,16 +147,15 @@ def main() -> None:
     for version in args.models:
         report = bench_version(version.resolve(), pixels, labels, args)
         reports.append(report)
+        if args.output:
+            args.output.write_text(json.dumps(reports, indent=2))
         print(f"\n{report['version']}")
-        head = f"{'config':20s} {'acc':>6s} {'logit diff':>10s} {'equiv err':>9s} {'GPU MB':>7s} " + " ".join(
+        head = f"{'config':20s} {'acc':>6s} {'logit diff':>10s} {'equiv err':>9s} " + " ".join(
             f"{'b' + str(b) + ' img/s':>11s}" for b in args.batches)
         print(head)
         for name, row in report["configs"].items():
-            mem = f"{row['gpu_memory_mb']:7.0f}" if "gpu_memory_mb" in row else f"{'-':>7s}"
-            print(f"{name:20s} {row['accuracy']:6.3f} {row['max_abs_logit_diff']:10.2e} {row['equivariance_error']:9.1e} {mem} "
+            print(f"{name:20s} {row['accuracy']:6.3f} {row['max_abs_logit_diff']:10.2e} {row['equivariance_error']:9.1e} "
                   + " ".join(f"{row['images_per_s'][b]:11.0f}" for b in args.batches))
-    if args.output:
-        args.output.write_text(json.dumps(reports, indent=2))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from service.card import ModelCard
 
-__all__ = ["GraphError", "TensorSpec", "OnnxModel", "choose_providers", "REQUIRED_OUTPUTS", "OPTIONAL_OUTPUTS"]
+__all__ = ["GraphError", "TensorSpec", "OnnxModel", "choose_providers", "provider_options", "REQUIRED_OUTPUTS", "OPTIONAL_OUTPUTS"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,13 @@ def choose_providers(device: str, explicit: list[str] | None, available: list[st
     return [p for p in wanted if p in available] or ["CPUExecutionProvider"]
 
 
+def provider_options(providers: list[str], cuda_tf32: bool = False) -> list[str | tuple[str, dict[str, str]]]:
+    """The providers with the options the service sets explicitly: CUDA's TF32 switch (ONNX
+    Runtime's default has changed between releases; off keeps the fp32 graph within 1e-4 of the
+    checkpoint)."""
+    return [(p, {"use_tf32": "1" if cuda_tf32 else "0"}) if p == "CUDAExecutionProvider" else p for p in providers]
+
+
 def gpu_requested(device: str, explicit: list[str] | None) -> bool:
     return device == "cuda" or bool(explicit and any(p in _GPU_PROVIDERS for p in explicit))
 
@@ -77,7 +84,7 @@ class OnnxModel:
     Args:
         path: the ``.onnx`` file.
         card: its model card.
-        providers: execution providers to ask for, best first.
+        providers: execution providers to ask for, best first (names, or ``(name, options)``).
         intra_op_threads: threads inside one operator (0: ONNX Runtime's default).
         inter_op_threads: threads across operators (0: default).
         allow_spinning: whether idle intra-op threads spin-wait for work (ONNX Runtime's default)
@@ -88,7 +95,7 @@ class OnnxModel:
         self,
         path: Path,
         card: ModelCard,
-        providers: list[str],
+        providers: list[str | tuple[str, dict[str, str]]],
         intra_op_threads: int = 0,
         inter_op_threads: int = 0,
         allow_spinning: bool = True,

@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from service.card import CardError, ModelCard
 from service.errors import ModelNotReady, NotFound, Unavailable
-from service.inference import OnnxModel, choose_providers, gpu_requested
+from service.inference import OnnxModel, choose_providers, gpu_requested, provider_options
 from service.settings import Settings
 
 __all__ = ["ModelState", "ModelVersion", "ModelRepository", "version_key", "sha256_file"]
@@ -101,10 +101,10 @@ class ModelRepository:
         False (never raises). A loaded version stays LOADING until the server starts serving it."""
         try:
             mv.card = self._read_card(mv)
-            graph = self._graph_path(mv, settings)
             providers = choose_providers(settings.device, settings.providers, _available_providers())
+            graph = self._graph_path(mv, settings, on_gpu=providers[0] == "CUDAExecutionProvider")
             mv.model = OnnxModel(
-                graph, mv.card, providers, settings.intra_op_threads, settings.inter_op_threads, settings.allow_spinning
+                graph, mv.card, provider_options(providers, settings.cuda_tf32), settings.intra_op_threads, settings.inter_op_threads, settings.allow_spinning
             )
             if gpu_requested(settings.device, settings.providers) and not mv.model.on_gpu:
                 log.warning("a GPU was asked for but %s/%s runs on %s", mv.name, mv.version, mv.model.providers)
@@ -136,12 +136,12 @@ class ModelRepository:
             raise CardError(f"card names {card.name}/{card.version} but lives in {mv.name}/{mv.version}")
         return card
 
-    def _graph_path(self, mv: ModelVersion, settings: Settings) -> Path:
+    def _graph_path(self, mv: ModelVersion, settings: Settings, on_gpu: bool) -> Path:
+        """The fp32 graph, or on CUDA (and with ``prefer_fp16``) the card's fp16 graph."""
         card = mv.card
         assert card is not None
         graph, digest = mv.path / GRAPH_FILE, card.sha256
-        use_fp16 = settings.prefer_fp16 and card.fp16_file and "CUDAExecutionProvider" in _available_providers()
-        if use_fp16:
+        if on_gpu and settings.prefer_fp16 and card.fp16_file:
             graph, digest = mv.path / card.fp16_file, card.fp16_sha256
         if not graph.is_file():
             raise FileNotFoundError(f"{graph} is missing")

@@ -59,7 +59,10 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0)  # 0: ONNX Runtime's default (one per core)
     inter_op_threads: int = Field(0, ge=0)
     allow_spinning: bool = True  # ORT's idle worker threads spin; off leaves the CPU to the event loop
-    prefer_fp16: bool = False  # use the card's ``fp16_file`` when on a GPU
+    # On a GPU serve the card's ``fp16_file`` (the batched fp16 graph; the fp32 graph is laid out
+    # for CPUs and ran 3.4-4.0x slower at batch 64 on an H200, see README); the CPU always serves the fp32 graph.
+    prefer_fp16: bool = True
+    cuda_tf32: bool = False  # TF32 matrix products on CUDA: faster, but fp32 logits moved by ~1e-2 (H200)
     warmup: bool = True  # run every model once per batch size bucket before ready
 
     # batching

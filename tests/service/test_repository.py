@@ -146,3 +146,41 @@ def test_strict_readiness(model_repo):
         r = c.get("/v2/health/ready")
         assert r.status_code == 400 and "failed to load" in r.json()["error"]
         assert c.get(f"/v2/models/{TINY}/ready").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "cuda, overrides, served",
+    [
+        (True, {}, "model.fp16.onnx"),  # a GPU serves the fp16 graph by default
+        (True, {"prefer_fp16": False}, "model.onnx"),
+        (True, {"device": "cpu"}, "model.onnx"),  # the CPU never gets the fp16 graph
+        (False, {}, "model.onnx"),
+    ],
+)
+def test_graph_choice_follows_the_device(tmp_path, tiny_model_dir, monkeypatch, cuda, overrides, served):
+    import hashlib
+
+    import service.repository as repository
+
+    version = _copy_version(tiny_model_dir, tmp_path / TINY / "1", TINY, "1")
+    fp16 = version / "model.fp16.onnx"  # the choice is what is tested: a copy of the fp32 graph will do
+    shutil.copy(version / "model.onnx", fp16)
+    card = json.loads((version / "card.json").read_text())
+    card.update(fp16_file=fp16.name, fp16_sha256=hashlib.sha256(fp16.read_bytes()).hexdigest())
+    (version / "card.json").write_text(json.dumps(card))
+    available = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+    monkeypatch.setattr(repository, "_available_providers", lambda: available)
+    repo = ModelRepository(tmp_path)
+    settings = make_settings(tmp_path, warmup=False, **overrides)
+    (mv,) = repo.scan()
+    assert repo.load(mv, settings), mv.reason
+    assert mv.model.path.name == served
+
+
+def test_cuda_provider_options():
+    from service.inference import provider_options
+
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert provider_options(providers) == [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    assert provider_options(providers, cuda_tf32=True)[0] == ("CUDAExecutionProvider", {"use_tf32": "1"})
+    assert provider_options(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
