@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-samples", type=int, help="evaluate only the first N samples")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--chunk-elements", type=int, metavar="N",
-                    help="scores per attention chunk (default: the checkpoint's, at most 2^20 on CPU; outputs do not "
-                         "depend on it, speed does: 2^20 suits CPU caches, 2^24 a GPU)")
+                    help="scores per attention chunk (default: the checkpoint's, at most 2^18 on CPU; outputs do not "
+                         "depend on it, speed does: 2^18 suits CPU caches, 2^24 a GPU)")
     ev.add_argument("--output", type=Path, help="also write the JSON report here")
     ev.add_argument("--no-progress", action="store_true")
     return parser
