@@ -60,13 +60,20 @@ def _assert_same_state(a: dict, b: dict, what: str) -> None:
         assert torch.equal(a[key], b[key]), f"{what} {key} differs"
 
 
-def test_resume_gives_exactly_the_uninterrupted_weights(data, uninterrupted, tmp_path):
-    first = _trainer(tmp_path, *data)
+def _cut_and_resumed(out_dir, data, **kw) -> Trainer:
+    """A run stopped after one epoch, then resumed in a fresh trainer (other init and RNG state:
+    everything must come from the checkpoint) and trained to the end."""
+    first = _trainer(out_dir, *data, **kw)
     first.fit(stop_after=1)
     assert first.epoch == 1
-    resumed = _trainer(tmp_path, *data, seed=123)  # other init and RNG: all must come from the checkpoint
-    resumed.resume(tmp_path / LATEST)
+    resumed = _trainer(out_dir, *data, seed=123, **kw)
+    resumed.resume(out_dir / LATEST)
     resumed.fit()
+    return resumed
+
+
+def test_resume_gives_exactly_the_uninterrupted_weights(data, uninterrupted, tmp_path):
+    resumed = _cut_and_resumed(tmp_path, data)
     assert resumed.epoch == uninterrupted.epoch == 2
     assert resumed.global_step == uninterrupted.global_step == 4
     _assert_same_state(resumed.model.state_dict(), uninterrupted.model.state_dict(), "weight")
@@ -180,11 +187,7 @@ def test_bf16_autocast_step_runs_attention_in_float32(form):
 def test_rotation_augmentation_resumes_exactly_and_changes_training(data, uninterrupted, tmp_path):
     full = _trainer(tmp_path / "full", *data, augment_rotation=True)
     full.fit()
-    first = _trainer(tmp_path / "cut", *data, augment_rotation=True)
-    first.fit(stop_after=1)
-    resumed = _trainer(tmp_path / "cut", *data, seed=123, augment_rotation=True)
-    resumed.resume(tmp_path / "cut" / LATEST)
-    resumed.fit()
+    resumed = _cut_and_resumed(tmp_path / "cut", data, augment_rotation=True)
     _assert_same_state(resumed.model.state_dict(), full.model.state_dict(), "weight")
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
     # same seeds and batches without augmentation give other losses: the images were rotated
@@ -237,11 +240,7 @@ def test_ema_is_the_average_of_the_steps_and_resumes_exactly(data, tmp_path):
     val = evaluate_loader(full.ema.module, full.val_loader, full.device)
     assert full.history[-1]["val_loss"] == pytest.approx(val["loss"], rel=1e-6)
 
-    first = _trainer(tmp_path / "cut", *data, ema_decay=decay)
-    first.fit(stop_after=1)
-    resumed = _trainer(tmp_path / "cut", *data, seed=123, ema_decay=decay)
-    resumed.resume(tmp_path / "cut" / LATEST)
-    resumed.fit()
+    resumed = _cut_and_resumed(tmp_path / "cut", data, ema_decay=decay)
     _assert_same_state(resumed.model.state_dict(), full.model.state_dict(), "raw weight")
     _assert_same_state(resumed.ema.module.state_dict(), full.ema.module.state_dict(), "averaged weight")
     assert int(resumed.ema.n_averaged) == 4
