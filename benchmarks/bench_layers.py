@@ -23,6 +23,7 @@ and load slows the memory-bound straightforward version more than ours.
 
     python benchmarks/bench_layers.py                  # everything (tens of minutes on 2 cores)
     python benchmarks/bench_layers.py --part compare   # R4 net vs straightforward only
+    python benchmarks/bench_layers.py --part pairs --rounds 5   # the batch-8 ratios, alternated, median
     python benchmarks/bench_layers.py --part configs --configs gsa_pcam_r8 gsa_cifar10_r4m
 """
 
@@ -208,6 +209,36 @@ def part_compare(timeout: float, allocator: str) -> None:
                   f"{nb['peak_mb'] / max(r['peak_mb'], 1.0):.1f}x less peak memory than straightforward")
 
 
+def part_pairs(rounds: int, timeout: float, allocator: str) -> None:
+    """Paper form against the straightforward version at batch 8, alternated ``rounds`` times
+    (ours, then straightforward, for training and for inference): each round's ratios and their
+    median, so that the load drifting between runs moves both sides of a ratio alike."""
+    import statistics
+
+    print(f"\nalternated pairs at batch 8, paper form, {rounds} rounds")
+    ratios: dict[str, list[tuple[float, float]]] = {"train": [], "infer": []}
+    for i in range(rounds):
+        for mode in ("train", "infer"):
+            res = {}
+            for impl in ("ours", "naive"):
+                spec = {"model": "gsa_rotmnist_r4", "overrides": {"form": "paper"}, "impl": impl, "mode": mode,
+                        "batch": 8, "warmup": 1, "repeats": 2 if impl == "ours" else 1}
+                res[impl] = run_sub(spec, timeout, allocator)
+            if any("error" in r for r in res.values()):
+                print(f"round {i + 1} {mode}: {res}")
+                continue
+            speed = res["ours"]["images_per_s"] / res["naive"]["images_per_s"]
+            memory = res["naive"]["peak_mb"] / max(res["ours"]["peak_mb"], 1.0)
+            ratios[mode].append((speed, memory))
+            print(f"round {i + 1} {mode} b8: ours {res['ours']['images_per_s']:.2f} vs {res['naive']['images_per_s']:.2f} "
+                  f"images/s ({speed:.1f}x), {res['ours']['peak_mb']:.0f} vs {res['naive']['peak_mb']:.0f} MB "
+                  f"({memory:.1f}x less)", flush=True)
+    for mode, values in ratios.items():
+        if values:
+            print(f"  median over {len(values)} rounds, {mode} b8: {statistics.median(v[0] for v in values):.1f}x faster, "
+                  f"{statistics.median(v[1] for v in values):.1f}x less peak memory")
+
+
 def _fmt_row(name, mode, batch, res) -> str:
     if "error" in res:
         return f"{name:<16} {mode:<5} b{batch:<3} {res['error']}"
@@ -225,7 +256,8 @@ def part_configs(names: list[str], timeout: float, allocator: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["all", "compare", "configs"], default="all")
+    parser.add_argument("--part", choices=["all", "compare", "configs", "pairs"], default="all")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of --part pairs")
     parser.add_argument("--configs", nargs="*", default=PAPER_CONFIGS)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
     parser.add_argument("--allocator", choices=["fixed", "default"], default="default",
@@ -243,6 +275,8 @@ def main() -> None:
         part_compare(args.timeout, args.allocator)
     if args.part in ("all", "configs"):
         part_configs(args.configs, args.timeout, args.allocator)
+    if args.part == "pairs":
+        part_pairs(args.rounds, args.timeout, args.allocator)
 
 
 if __name__ == "__main__":
