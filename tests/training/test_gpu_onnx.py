@@ -38,7 +38,7 @@ CUDA = "CUDAExecutionProvider"
 CUDA_FP32 = (CUDA, {"use_tf32": "0"})
 HEAVY_OPS = {"MatMul", "Gemm", "Einsum", "Softmax", "Conv", "LayerNormalization", "Gather", "GatherElements"}
 FP16_LOGIT_TOL = 5e-2  # bounds; the measured figures are in README (benchmarks/bench_onnx_gpu.py)
-FP16_EQUIVARIANCE_TOL = 1e-3
+FP16_EQUIVARIANCE_TOL = 2e-3  # measured 8.1e-4 to 8.7e-4 on the H200 (bench_onnx_gpu.py, 32 digits)
 
 pytestmark = pytest.mark.skipif(
     ort is None or CUDA not in ort.get_available_providers() or not torch.cuda.is_available(),
