@@ -104,7 +104,8 @@ class ModelRepository:
             providers = choose_providers(settings.device, settings.providers, _available_providers())
             graph = self._graph_path(mv, settings, on_gpu=providers[0] == "CUDAExecutionProvider")
             mv.model = OnnxModel(
-                graph, mv.card, provider_options(providers, settings.cuda_tf32), settings.intra_op_threads, settings.inter_op_threads, settings.allow_spinning
+                graph, mv.card, provider_options(providers, settings.cuda_tf32),
+                settings.intra_op_threads, settings.inter_op_threads, settings.allow_spinning,
             )
             if gpu_requested(settings.device, settings.providers) and not mv.model.on_gpu:
                 log.warning("a GPU was asked for but %s/%s runs on %s", mv.name, mv.version, mv.model.providers)
