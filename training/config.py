@@ -102,7 +102,9 @@ class RunConfig:
     from a generator seeded with ``(seed, epoch)``, so resumed runs stay exact.
     ``ema_decay`` (e.g. 0.999) keeps an exponential moving average of the weights, updated after
     every optimizer step; validation, the best checkpoint and ``model_state`` then use the
-    averaged weights (the raw ones are saved too, for resuming).
+    averaged weights (the raw ones are saved too, for resuming). ``ema_warmup`` (default on) ramps
+    the decay up as ``min(ema_decay, (1 + t) / (10 + t))`` over the first updates ``t``, so that
+    the average of a short run is not dominated by its first weights.
     """
 
     epochs: int = 10
@@ -119,6 +121,7 @@ class RunConfig:
     init_from: str | None = None
     augment_rotation: bool = False
     ema_decay: float | None = None
+    ema_warmup: bool = True
 
 
 @dataclass

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -74,6 +74,23 @@ def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     if mode == "auto" and not torch.cuda.is_bf16_supported():
         return None
     return torch.bfloat16
+
+
+def ema_update(decay: float, warmup: bool):
+    """``multi_avg_fn`` of :class:`AveragedModel`: ``avg = d avg + (1 - d) w`` after every step.
+
+    With ``warmup`` the decay of the update after ``t`` earlier ones is ``min(decay, (1 + t) / (10 + t))``
+    (as TensorFlow's moving average with ``num_updates``). Without it a short run's average stays
+    dominated by its first weights: after 1,000 steps at decay 0.999 the copy made at the first
+    step still weighs ``0.999 ** 999`` = 37% of the average.
+    """
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
+        t = int(num_averaged)
+        d = min(decay, (1 + t) / (10 + t)) if warmup else decay
+        torch._foreach_lerp_(averaged, current, 1.0 - d)
+
+    return update
 
 
 def build_optimizer(params: Any, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -142,7 +159,7 @@ class Trainer:
         if self.run.init_from:
             self.init_weights(self.run.init_from)
         # The average starts as a copy of the (possibly initialised) weights at the first update.
-        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.run.ema_decay))
+        self.ema = (AveragedModel(self.model, multi_avg_fn=ema_update(self.run.ema_decay, self.run.ema_warmup))
                     if self.run.ema_decay else None)
         self.optimizer = build_optimizer(self.model.parameters(), config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.schedule, self.steps_per_epoch, self.run.epochs)

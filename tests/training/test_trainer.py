@@ -215,17 +215,21 @@ def test_init_from_refuses_another_model(data, uninterrupted, tmp_path):
         _trainer(tmp_path, *data, init_from=str(tmp_path / "missing.pt"))
 
 
-def test_ema_is_the_average_of_the_steps_and_resumes_exactly(data, tmp_path):
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_is_the_average_of_the_steps_and_resumes_exactly(data, tmp_path, warmup):
     decay = 0.5
-    full = _trainer(tmp_path / "full", *data, ema_decay=decay)
-    # The average by hand: the first update copies, each later one is decay * avg + (1 - decay) * w.
+    full = _trainer(tmp_path / "full", *data, ema_decay=decay, ema_warmup=warmup)
+    # The average by hand: the first update copies, the one after t earlier updates is
+    # d * avg + (1 - d) * w, with d = decay, or min(decay, (1 + t) / (10 + t)) with the warm-up
+    # (2/11, 3/12, 4/13 here: the warm-up decides every step).
     expected, steps = None, []
     full.optimizer.register_step_post_hook(
         lambda *_: steps.append({k: v.detach().clone() for k, v in full.model.named_parameters()}))
     full.fit()
-    for weights in steps:
+    for t, weights in enumerate(steps):
+        d = min(decay, (1 + t) / (10 + t)) if warmup else decay
         expected = dict(weights) if expected is None else {
-            k: decay * expected[k] + (1 - decay) * w for k, w in weights.items()}
+            k: d * expected[k] + (1 - d) * w for k, w in weights.items()}
     averaged = dict(full.ema.module.named_parameters())
     for k, v in expected.items():
         torch.testing.assert_close(averaged[k], v, rtol=1e-6, atol=1e-7)
@@ -240,7 +244,7 @@ def test_ema_is_the_average_of_the_steps_and_resumes_exactly(data, tmp_path):
     val = evaluate_loader(full.ema.module, full.val_loader, full.device)
     assert full.history[-1]["val_loss"] == pytest.approx(val["loss"], rel=1e-6)
 
-    resumed = _cut_and_resumed(tmp_path / "cut", data, ema_decay=decay)
+    resumed = _cut_and_resumed(tmp_path / "cut", data, ema_decay=decay, ema_warmup=warmup)
     _assert_same_state(resumed.model.state_dict(), full.model.state_dict(), "raw weight")
     _assert_same_state(resumed.ema.module.state_dict(), full.ema.module.state_dict(), "averaged weight")
     assert int(resumed.ema.n_averaged) == 4
