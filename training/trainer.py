@@ -201,22 +201,34 @@ class Trainer:
             "data_fingerprint": self.fingerprint,
         }
 
-    def _load_same_model(self, path: str | Path, advice: str) -> dict[str, Any]:
-        """Read a checkpoint and check that it holds the configured model (name and config)."""
+    def _load_same_model(self, path: str | Path, advice: str, free: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Read a checkpoint and check that it holds the configured model (name and config).
+
+        ``chunk_elements`` may always differ (it sets speed and memory, not the maths: a run trained
+        with GPU-sized chunks fine-tunes or resumes on a CPU); so may the config fields in ``free``.
+        """
         ckpt = load_checkpoint(path)
         name, model_config = model_metadata(self.model)
-        if ckpt["model_name"] != name or ckpt["model_config"] != model_config:
+        ignored = {"chunk_elements", *free}
+        theirs = ckpt["model_config"] if isinstance(ckpt["model_config"], dict) else {}
+        differ = sorted(k for k in set(theirs) | set(model_config)
+                        if k not in ignored and theirs.get(k) != model_config.get(k))
+        if ckpt["model_name"] != name or differ:
+            detail = ", ".join(f"{k}: {theirs.get(k)!r} there, {model_config.get(k)!r} here" for k in differ)
             raise CheckpointError(path, f"checkpoint holds model {ckpt['model_name']!r} with another config than "
-                                        f"the configured {name!r}; {advice}")
+                                        f"the configured {name!r}" + (f" ({detail})" if detail else "")
+                                        + f"; {advice}")
         return ckpt
 
     def init_weights(self, path: str | Path) -> None:
-        """Load only the model weights of ``path`` (a checkpoint of the same model and config).
+        """Load only the model weights of ``path`` (a checkpoint of the same model and config; the
+        dropout rates and ``chunk_elements`` may differ).
 
         Raises:
             CheckpointError: Unreadable checkpoint, another model, or weights that do not fit.
         """
-        ckpt = self._load_same_model(path, "use a checkpoint of the same model settings")
+        ckpt = self._load_same_model(path, "use a checkpoint of the same model settings",
+                                     free=("attn_drop", "value_drop"))
         try:
             self.model.load_state_dict(ckpt["model_state"])
         except RuntimeError as exc:

@@ -207,12 +207,28 @@ def test_init_from_loads_the_weights_and_starts_fresh(data, uninterrupted, tmp_p
 
 def test_init_from_refuses_another_model(data, uninterrupted, tmp_path):
     seed_everything(0)
-    model = create_model("gsa_tiny_r4", attn_drop=0.2, value_drop=0.1)
+    model = create_model("gsa_tiny_r4", form="aligned", **DROPOUT)  # same parameter shapes, other maths
     config = _config(tmp_path, init_from=str(uninterrupted.out_dir / LATEST))
-    with pytest.raises(CheckpointError, match="another config"):
+    with pytest.raises(CheckpointError, match="another config .*form: 'paper' there, 'aligned' here"):
         Trainer(model, *data, config)
     with pytest.raises(CheckpointError, match="no such file"):
         _trainer(tmp_path, *data, init_from=str(tmp_path / "missing.pt"))
+
+
+def test_init_from_and_resume_accept_another_chunk_size(data, uninterrupted, tmp_path):
+    """``chunk_elements`` sets speed and memory only: a GPU-trained checkpoint fine-tunes or resumes on
+    a CPU with CPU-sized chunks. Fine-tuning may also change the dropout rates; resuming may not."""
+    source = uninterrupted.out_dir / LATEST
+    seed_everything(0)
+    model = create_model("gsa_tiny_r4", attn_drop=0.2, value_drop=0.0, chunk_elements=4096)
+    trainer = Trainer(model, *data, _config(tmp_path / "ft", init_from=str(source)))
+    _assert_same_state(trainer.model.state_dict(), load_checkpoint(source)["model_state"], "weight")
+    resumed = Trainer(create_model("gsa_tiny_r4", **DROPOUT, chunk_elements=4096), *data, _config(tmp_path / "r"))
+    resumed.resume(source)
+    assert resumed.epoch == uninterrupted.epoch
+    other = Trainer(create_model("gsa_tiny_r4", attn_drop=0.2, value_drop=0.1), *data, _config(tmp_path / "o"))
+    with pytest.raises(CheckpointError, match="attn_drop: 0.1 there, 0.2 here"):
+        other.resume(source)
 
 
 @pytest.mark.parametrize("warmup", [False, True])
