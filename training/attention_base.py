@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.attention_kernels import window_attention
+from training.attention_kernels import projected_window_attention
 from training.groups import Group
 from training.windows import neighbour_index, resolve_window_shape, window_offsets
 
@@ -143,36 +143,51 @@ class WindowedAttention(nn.Module):
         Returns:
             q ``[B, nh, X, G, d]`` (already scaled by 1/sqrt(d)), k and v ``[B, nh, Hp*Wp, G, d]``.
         """
+        return self._project(x, *self.projection_params())
+
+    def projection_params(self) -> list[torch.Tensor]:
+        """Weights and biases of the query, key and value maps, in :meth:`_project`'s order."""
+        return [self.query.weight, self.query.bias, self.key.weight, self.key.bias, self.value.weight, self.value.bias]
+
+    def _project(self, x, wq, bq, wk, bk, wv, bv) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`project` as a pure function of the input and the weights (recomputed backward)."""
         b, h, w, g, _ = x.shape
         c, nh, d = self.crop, self.num_heads, self.head_dim
         pad = self.geometry(h, w, x.device)[2]
         xq = x[:, c : h - c, c : w - c]  # B, H', W', G, C
-        q = self.query(xq) * self.scale  # B, H', W', G, nh d
+        q = F.linear(xq, wq, bq) * self.scale  # B, H', W', G, nh d
         q = q.view(b, -1, g, nh, d).permute(0, 3, 1, 2, 4)  # B, nh, X, G, d
-        kv = torch.cat([self.key(x), self.value(x)], dim=-1)  # B, H, W, G, 2 nh d
-        kv = F.pad(kv, (0, 0, 0, 0, pad, pad, pad, pad))  # B, Hp, Wp, G, 2 nh d
-        kv = kv.view(b, -1, g, 2, nh, d).permute(3, 0, 4, 1, 2, 5).contiguous()  # 2, B, nh, HpWp, G, d
-        return q, kv[0], kv[1]
+
+        def keys(weight, bias):  # B, nh, HpWp, G, d; separate tensors, so that their gradients are too
+            t = F.pad(F.linear(x, weight, bias), (0, 0, 0, 0, pad, pad, pad, pad))  # B, Hp, Wp, G, nh d
+            return t.view(b, -1, g, nh, d).permute(0, 3, 1, 2, 4).contiguous()
+
+        return q, keys(wk, bk), keys(wv, bv)
 
     def attend(
         self,
         form: str,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        x: torch.Tensor,
         table: torch.Tensor,
-        height: int,
-        width: int,
         scores_per_query: int,
     ) -> torch.Tensor:
-        """Chunked attention (see :mod:`training.attention_kernels`), heads merged.
+        """Projections and chunked attention (see :mod:`training.attention_kernels`), heads merged.
+
+        Args:
+            x: the layer input ``[B, H, W, G, C]`` (``G = 1`` for the lifting layer).
 
         Returns:
             ``[B, X, G_out, nh d]``.
+
+        When gradients are needed, ``q, k, v`` are not kept for the backward pass but recomputed
+        from ``x`` there (:class:`training.attention_kernels.ProjectedWindowAttention`).
         """
-        b, nh, x_total = q.shape[:3]
-        index, bias, _, row_outside = self.geometry(height, width, q.device)
+        b, height, width = x.shape[:3]
+        nh = self.num_heads
+        x_total = (height - 2 * self.crop) * (width - 2 * self.crop)
+        index, bias, _, row_outside = self.geometry(height, width, x.device)
         n = self.chunk_queries or max(1, self.chunk_elements // max(1, b * nh * scores_per_query))
         p_drop = self.attn_drop.p if self.training else 0.0
-        out = window_attention(form, q, k, v, table, index, bias, row_outside, n, p_drop)  # B, nh, X, G, d
+        out = projected_window_attention(form, x, self.projection_params(), self._project, table, index, bias,
+                                         row_outside, n, p_drop)  # B, nh, X, G, d
         return out.permute(0, 2, 3, 1, 4).reshape(b, x_total, out.shape[3], nh * out.shape[-1])  # B, X, G, nh d

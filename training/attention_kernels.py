@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["attention_scores", "window_attention", "inference_attention"]
+__all__ = ["attention_scores", "window_attention", "projected_window_attention", "inference_attention"]
 
 
 def _content(qc: torch.Tensor, kwin: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -183,21 +183,78 @@ class WindowAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, table = ctx.saved_tensors
-        form, index, bias, row_outside, n, p_drop, seeds = ctx.meta
-        dq, dk, dv, dtable = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(table)
-        dout = dout.contiguous()
-        ws = _Workspace(q)
-        b, nh, _, gk, d = k.shape
-        for (start, stop), seed in zip(_chunks(q.shape[2], n), seeds):
-            idx = index[start:stop].reshape(-1)
-            bias_c = bias[start:stop] if bias is not None and any(row_outside[start:stop]) else None
-            kwin, vwin = _gather_into(ws, "kwin", k, idx, stop - start), _gather_into(ws, "vwin", v, idx, stop - start)
-            dqc, dkwin, dvwin = _chunk_backward(ws, form, q[:, :, start:stop], kwin, vwin, table, bias_c, p_drop,
-                                                seed, dout[:, :, start:stop], dtable)
-            dq[:, :, start:stop] = dqc
-            dk.index_add_(2, idx, dkwin.view(b, nh, -1, gk, d))
-            dv.index_add_(2, idx, dvwin.view(b, nh, -1, gk, d))
+        dq, dk, dv, dtable = _attention_backward(q, k, v, table, *ctx.meta, dout)
         return dq, dk, dv, dtable, None, None, None, None, None, None
+
+
+def _attention_backward(q, k, v, table, form, index, bias, row_outside, n, p_drop, seeds, dout):
+    """Gradients ``(dq, dk, dv, dtable)`` of a whole layer's attention, chunk by chunk."""
+    dq, dk, dv, dtable = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(table)
+    dout = dout.contiguous()
+    ws = _Workspace(q)
+    b, nh, _, gk, d = k.shape
+    for (start, stop), seed in zip(_chunks(q.shape[2], n), seeds):
+        idx = index[start:stop].reshape(-1)
+        bias_c = bias[start:stop] if bias is not None and any(row_outside[start:stop]) else None
+        kwin, vwin = _gather_into(ws, "kwin", k, idx, stop - start), _gather_into(ws, "vwin", v, idx, stop - start)
+        dqc, dkwin, dvwin = _chunk_backward(ws, form, q[:, :, start:stop], kwin, vwin, table, bias_c, p_drop,
+                                            seed, dout[:, :, start:stop], dtable)
+        dq[:, :, start:stop] = dqc
+        dk.index_add_(2, idx, dkwin.view(b, nh, -1, gk, d))
+        dv.index_add_(2, idx, dvwin.view(b, nh, -1, gk, d))
+    return dq, dk, dv, dtable
+
+
+def _kernel_dtype(autocast: bool, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast the kernel runs in float32 (see :func:`window_attention`); otherwise as given."""
+    return tuple(t.float() for t in tensors) if autocast else tensors
+
+
+class ProjectedWindowAttention(torch.autograd.Function):
+    """The projections that make ``q, k, v`` from a layer's input ``x``, then :class:`WindowAttention`,
+    as one autograd node that saves ``x`` and the projection weights instead of ``q, k, v``.
+
+    ``q, k, v`` have ``nh d`` channels per position and group element against the input's ``C``
+    (RotMNIST: 90 against 20), and ``k, v`` are zero-padded around the image: saving them held about
+    half of what a training step keeps for its backward pass. The backward pass recomputes them
+    (three small GEMMs, under the autocast state of the forward pass), runs the chunked attention
+    backward and takes the projections' gradients with :func:`torch.autograd.grad`.
+    ``project(x, *params) -> (q, k, v)`` must be a pure function of its arguments.
+    """
+
+    @staticmethod
+    def forward(ctx, x, table, project, form, index, bias, row_outside, n, p_drop, *params):
+        device_type = x.device.type
+        ctx.autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        q, k, v = _kernel_dtype(ctx.autocast[0], *project(x, *params))
+        seeds = _seeds(q.shape[2], n, p_drop)
+        with torch.autocast(device_type, enabled=False):
+            out = _run_chunks(q, k, v, _kernel_dtype(ctx.autocast[0], table)[0], form, index, bias, row_outside, n,
+                              p_drop, seeds)
+        ctx.save_for_backward(x, table, *params)
+        ctx.project = project
+        ctx.meta = (form, index, bias, row_outside, n, p_drop, seeds)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, table, *params = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        wants = (needs[0], *needs[9:])
+        leaves = [t.detach().requires_grad_(want) for t, want in zip((x, *params), wants)]
+        device_type = x.device.type
+        enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            q, k, v = ctx.project(*leaves)
+        with torch.autocast(device_type, enabled=False):
+            qf, kf, vf, tablef, doutf = _kernel_dtype(enabled, q.detach(), k.detach(), v.detach(), table, dout)
+            dq, dk, dv, dtable = _attention_backward(qf, kf, vf, tablef, *ctx.meta, doutf)
+        wanted = [leaf for leaf in leaves if leaf.requires_grad]
+        grads = iter(torch.autograd.grad((q, k, v), wanted, (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)),
+                                         allow_unused=True) if wanted else ())
+        dx, *dparams = [next(grads) if leaf.requires_grad else None for leaf in leaves]
+        dtable = dtable.to(table.dtype) if needs[1] else None
+        return (dx, dtable, None, None, None, None, None, None, None, *dparams)
 
 
 def _chunk_backward(ws, form, qc, kwin, vwin, table, bias, p_drop, seed, doutc, dtable):
@@ -254,3 +311,12 @@ def window_attention(form, q, k, v, table, index, bias, row_outside, n, p_drop=0
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, table)):
         return WindowAttention.apply(q, k, v, table, form, index, bias, row_outside, n, p_drop)
     return inference_attention(form, q, k, v, table, index, bias, row_outside, n, p_drop)
+
+
+def projected_window_attention(form, x, params, project, table, index, bias, row_outside, n, p_drop=0.0):
+    """``window_attention(form, *project(x, *params), table, ...)``; when gradients are needed, as
+    :class:`ProjectedWindowAttention` (saves ``x`` and ``params``, recomputes ``q, k, v`` backward)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, table, *params)):
+        return ProjectedWindowAttention.apply(x, table, project, form, index, bias, row_outside, n, p_drop, *params)
+    q, k, v = project(x, *params)
+    return window_attention(form, q, k, v, table, index, bias, row_outside, n, p_drop)

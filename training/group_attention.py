@@ -80,10 +80,9 @@ class GroupSelfAttention(WindowedAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, group_axis=True)
         b, h, w, g, _ = x.shape
-        q, k, v = self.project(x)  # q: B, nh, X, G, d; k, v: B, nh, HpWp, G, d
         table = self.encoding_table()
         j = self.num_offsets * g
         per_query = g * g * j if self.form == "paper" else g * j
-        out = self.attend(self.form, q, k, v, table, h, w, scores_per_query=per_query)
+        out = self.attend(self.form, x, table, scores_per_query=per_query)  # B, X, G, nh d
         hc, wc = h - 2 * self.crop, w - 2 * self.crop
         return self.proj(out).view(b, hc, wc, g, self.out_dim)  # B, H', W', G, C_out

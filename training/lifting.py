@@ -54,10 +54,9 @@ class LiftingSelfAttention(WindowedAttention):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, group_axis=False)
         b, h, w, _ = x.shape
-        q, k, v = self.project(x.unsqueeze(3))  # q: B, nh, X, 1, d; k, v: B, nh, HpWp, 1, d
         g = self.group.order
         table = self.encoding_table()
         # The lifting layer is the paper kernel with a single query orientation (Gq = 1).
-        out = self.attend("paper", q, k, v, table, h, w, scores_per_query=g * self.num_offsets)  # B, X, G, nh d
+        out = self.attend("paper", x.unsqueeze(3), table, scores_per_query=g * self.num_offsets)  # B, X, G, nh d
         hc, wc = h - 2 * self.crop, w - 2 * self.crop
         return self.proj(out).view(b, hc, wc, g, self.out_dim)  # B, H', W', G, C_out

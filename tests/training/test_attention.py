@@ -4,7 +4,7 @@ flow through whole networks, and clear errors for bad input."""
 import pytest
 import torch
 
-from training.attention_kernels import WindowAttention, _gather, attention_scores
+from training.attention_kernels import WindowAttention, _gather, _traceable_attention, attention_scores
 from training.group_attention import GroupSelfAttention
 from training.groups import get_group
 from training.lifting import LiftingSelfAttention
@@ -104,6 +104,92 @@ def test_every_parameter_gets_a_finite_gradient(name, form):
             assert p.grad.abs().max() < 1e-3
         else:
             assert p.grad.abs().sum() > 0, f"{pname} has an all-zero gradient"
+
+
+def _layer(kind, form="paper", attn_drop=0.0):
+    if kind == "lifting":
+        return LiftingSelfAttention(3, 6, 2, 4, get_group("R4"), 3, crop=1, attn_drop=attn_drop)
+    return GroupSelfAttention(3, 6, 2, 6, get_group("R4M" if kind == "group-r4m" else "R4"), 5, crop=1,
+                              form=form, attn_drop=attn_drop)
+
+
+def _layer_reference(layer, x):
+    """The layer's maths in plain autograd: ``project``, then unchunked attention, then ``proj``."""
+    lifting = isinstance(layer, LiftingSelfAttention)
+    xin = x.unsqueeze(3) if lifting else x
+    b, h, w, g = xin.shape[:4]
+    q, k, v = layer.project(xin)
+    index, bias, _, rows = layer.geometry(h, w, x.device)
+    out = _traceable_attention("paper" if lifting else layer.form, q, k, v, layer.encoding_table(), index, bias,
+                               rows, 7)
+    hc = h - 2 * layer.crop
+    out = out.permute(0, 2, 3, 1, 4).reshape(b, hc * hc, out.shape[3], -1)
+    return layer.proj(out).view(b, hc, hc, out.shape[2], layer.out_dim)
+
+
+@pytest.mark.parametrize("kind,form", [("lifting", "paper"), ("group", "paper"), ("group", "aligned"),
+                                       ("group-r4m", "paper")])
+def test_layer_gradients_with_recomputed_projections_match_autograd(kind, form):
+    """Training saves the layer input, not q, k, v, and recomputes the projections backward: the
+    gradients of the input and of every parameter (projections, encoding MLP, output map) must be
+    those of plain autograd over the same maths."""
+    layer = _layer(kind, form).double().train()
+    g = 1 if kind == "lifting" else layer.group.order
+    shape = (2, 7, 7, 3) if kind == "lifting" else (2, 7, 7, g, 3)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    ref = _layer_reference(layer, x)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grad_out = torch.randn_like(out)
+    wrt = (x, *layer.parameters())
+    ours = torch.autograd.grad(out, wrt, grad_out, allow_unused=True)
+    theirs = torch.autograd.grad(ref, wrt, grad_out, allow_unused=True)
+    names = ["input"] + [name for name, _ in layer.named_parameters()]
+    for name, a, b in zip(names, ours, theirs):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=f"gradient of {name}")
+
+
+def test_training_forward_saves_the_input_not_the_projections():
+    """A layer keeps its input (C channels) for the backward pass, not q, k, v (nh d channels each,
+    k and v zero-padded): none of them, nor a tensor of their size, is saved."""
+    layer = _layer("group").train()
+    x = torch.randn(2, 9, 9, 4, 3, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    q, k, v = layer.project(x)
+    assert any(t is x for t in saved)
+    assert k.numel() > 5 * x.numel()  # padded keys (and values) are the large tensors here
+    assert not [tuple(t.shape) for t in saved if t.numel() >= k.numel() or t.shape == q.shape]
+
+
+def test_bf16_autocast_recomputes_the_projections_in_bf16():
+    """Under autocast the recomputed projections must be the forward pass's (bf16), so gradients
+    equal those of the path that keeps q, k, v."""
+    layer = _layer("group").train()
+    x = torch.randn(2, 7, 7, 4, 3, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    ours = torch.autograd.grad(out.float().square().sum(), (x, layer.query.weight, layer.key.weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q, k, v = layer.project(x)
+        index, bias, _, rows = layer.geometry(7, 7, x.device)
+        table = layer.encoding_table()  # the encoding MLP under autocast, as in the layer
+        with torch.autocast("cpu", enabled=False):
+            att = WindowAttention.apply(q.float(), k.float(), v.float(), table.float(), "paper", index, bias, rows,
+                                        1000, 0.0)
+        ref = layer.proj(att.permute(0, 2, 3, 1, 4).reshape(2, 25, 4, -1)).view(2, 5, 5, 4, 6)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    theirs = torch.autograd.grad(ref.float().square().sum(), (x, layer.query.weight, layer.key.weight))
+    for name, a, b in zip(["input", "query.weight", "key.weight"], ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"gradient of {name}")
 
 
 # ---- bad input -------------------------------------------------------------------------------
