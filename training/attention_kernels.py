@@ -17,6 +17,11 @@ activation checkpointing, rebuild the full-size gradient of k and v for every ch
 probabilities and accumulates the gradients of k, v and the encoding table into one buffer each,
 so memory stays at one chunk of scores whatever the image or batch size (as flash attention does
 on GPUs). Attention dropout masks are regenerated in the backward pass from a per-chunk seed.
+
+The layers go one step further (:class:`ProjectedWindowAttention`): they hand the kernel their
+input and projection weights rather than ``q, k, v``, which are several times larger (``nh d``
+channels against ``C``, keys and values zero-padded), and the backward pass recomputes the
+projections. The RotMNIST R4 net at batch 8 then keeps 51 MB for its backward pass instead of 117.
 """
 
 from __future__ import annotations
@@ -71,13 +76,13 @@ class _Workspace:
         self.dtype, self.device = like.dtype, like.device
         self.buffers: dict[str, torch.Tensor] = {}
 
-    def get(self, name: str, shape) -> torch.Tensor:
+    def get(self, name: str, shape, dtype: torch.dtype | None = None) -> torch.Tensor:
         numel = 1
         for size in shape:
             numel *= size
         buf = self.buffers.get(name)
         if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=self.dtype, device=self.device)
+            buf = torch.empty(numel, dtype=dtype or self.dtype, device=self.device)
             self.buffers[name] = buf
         return buf[:numel].view(shape)
 
@@ -115,9 +120,24 @@ def _probabilities(ws: _Workspace, form, qc, kwin, table, bias) -> torch.Tensor:
 
 def _mask_into(ws: _Workspace, shape, p: float, seed: int) -> torch.Tensor:
     """A chunk's dropout mask (kept with probability 1 - p, scaled by 1 / (1 - p)), regenerated
-    from its seed in the backward pass."""
+    from its seed in the backward pass.
+
+    On the CPU, ``bernoulli_`` draws from MT19937 once per element, on one thread: with a mask the
+    size of the scores it took 60% of a RotMNIST R4 training step at ``attn_drop`` 0.1. Here each
+    64-bit draw gives four 16-bit lanes, one per element, kept when below ``round((1 - p) 2^16)``;
+    the kept ones are scaled by the inverse of that quantised probability, so the mask stays
+    unbiased (the keep probability is off by at most 2^-17 from 1 - p). GPUs keep ``bernoulli_``.
+    """
     gen = torch.Generator(device=ws.device).manual_seed(seed)
-    return ws.get("mask", shape).bernoulli_(1.0 - p, generator=gen).div_(1.0 - p)
+    mask = ws.get("mask", shape)
+    if ws.device.type != "cpu":
+        return mask.bernoulli_(1.0 - p, generator=gen).div_(1.0 - p)
+    numel = mask.numel()
+    words = ws.get("mask_bits", ((numel + 3) // 4,), torch.int64).random_(-(2**63), None, generator=gen)
+    threshold = min(max(round((1.0 - p) * 65536), 1), 65536)  # of 2^16 lane values
+    lanes = words.view(torch.int16)[:numel].view(mask.shape)  # uniform over [-2^15, 2^15)
+    torch.lt(lanes, threshold - 32768, out=mask)
+    return mask.mul_(65536 / threshold)
 
 
 def _chunk_forward(ws, form, qc, kwin, vwin, table, bias, p_drop, seed, out):

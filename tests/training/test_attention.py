@@ -4,7 +4,8 @@ flow through whole networks, and clear errors for bad input."""
 import pytest
 import torch
 
-from training.attention_kernels import WindowAttention, _gather, _traceable_attention, attention_scores
+from training.attention_kernels import (WindowAttention, _gather, _mask_into, _traceable_attention, _Workspace,
+                                        attention_scores)
 from training.group_attention import GroupSelfAttention
 from training.groups import get_group
 from training.lifting import LiftingSelfAttention
@@ -69,6 +70,30 @@ def test_backward_with_attention_dropout_passes_gradcheck(form, gq, g):
 
     small = [t.detach()[:1, :1].clone().requires_grad_() for t in (q, k, v)] + [table]
     assert torch.autograd.gradcheck(fn, tuple(small), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_mask_is_unbiased_reproducible_and_uncorrelated(p):
+    """The CPU mask (four 16-bit lanes per 64-bit draw): kept with probability 1 - p, the kept
+    entries scaled so that the mask's mean is 1; the same seed gives the same mask, another seed
+    another; neighbouring entries (lanes of one draw) are independent."""
+    shape = (8, 9, 2, 4, 4, 100)  # a chunk of the RotMNIST R4 net at batch 8: 230,400 entries
+    ws = _Workspace(torch.empty(0))
+    mask = _mask_into(ws, shape, p, seed=11).clone()
+    n = mask.numel()
+    kept = mask > 0
+    assert set(mask.unique().tolist()) == {0.0, mask.max().item()}
+    assert mask.max().item() == pytest.approx(1 / (1 - p), rel=1e-4)
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * sigma
+    assert abs(mask.mean().item() - 1.0) < 5 * sigma / (1 - p)
+    lanes = kept.view(-1, 4).float()  # the four lanes of each draw
+    for lane in range(4):
+        assert abs(lanes[:, lane].mean().item() - (1 - p)) < 5 * 2 * sigma
+    both = (lanes[:, 0] * lanes[:, 1]).mean().item()  # P(kept, kept) = (1 - p)^2 if independent
+    assert abs(both - (1 - p) ** 2) < 5 * 2 * sigma
+    assert torch.equal(_mask_into(_Workspace(torch.empty(0)), shape, p, seed=11), mask)
+    assert not torch.equal(_mask_into(_Workspace(torch.empty(0)), shape, p, seed=12), mask)
 
 
 @pytest.mark.parametrize("form", ["paper", "aligned"])
