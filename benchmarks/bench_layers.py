@@ -25,6 +25,7 @@ and load slows the memory-bound straightforward version more than ours.
     python benchmarks/bench_layers.py --part compare   # R4 net vs straightforward only
     python benchmarks/bench_layers.py --part pairs --rounds 5   # the batch-8 ratios, alternated, median
     python benchmarks/bench_layers.py --part configs --configs gsa_pcam_r8 gsa_cifar10_r4m
+    python benchmarks/bench_layers.py --part memory --allocator fixed --configs gsa_rotmnist_r4 gsa_pcam_r4
 """
 
 from __future__ import annotations
@@ -144,6 +145,8 @@ def measure(spec: dict) -> dict:
     bs = spec["batch"]
     x = torch.rand(bs, cfg.in_chans, cfg.img_size, cfg.img_size)
     y = torch.randint(0, cfg.num_classes, (bs,))
+    if spec["mode"] == "phases":
+        return measure_phases(model, x, y)
     step = make_step(model, torch.optim.Adam(model.parameters(), 1e-3), spec["mode"])
     step(x[:1], y[:1])  # one-time initialisation (kernels, thread pools, caches) outside the peak
     base = rss_mb()
@@ -155,6 +158,40 @@ def measure(spec: dict) -> dict:
         times.append(time.perf_counter() - t0)
     best = min(times[spec["warmup"]:])
     return {"images_per_s": bs / best, "seconds": best, "peak_mb": peak_mb() - base}
+
+
+def measure_phases(model, x, y) -> dict:
+    """What a training step holds between its forward and backward passes (``kept_mb``: the
+    resident set after the forward pass, the loss and its graph alive) and the peaks of each pass,
+    all above the warmed-up process. Meant for ``--allocator fixed``, where the resident set is the
+    live memory."""
+    import torch
+
+    def forward(images, labels):
+        return torch.nn.functional.cross_entropy(model(images), labels)
+
+    model.train()
+    forward(x[:1], y[:1]).backward()  # one-time initialisation outside the peaks
+    model.zero_grad(set_to_none=True)
+    base = rss_mb()
+    reset_peak()
+    loss = forward(x, y)
+    kept, forward_peak = rss_mb() - base, peak_mb() - base
+    reset_peak()
+    loss.backward()
+    return {"kept_mb": kept, "forward_peak_mb": forward_peak, "backward_peak_mb": peak_mb() - base}
+
+
+def part_memory(names: list[str], timeout: float, allocator: str) -> None:
+    print(f"\nmemory of one training step at the paper's batch size, by phase (allocator {allocator})")
+    for name in names:
+        batch = PAPER_BATCH[name.split("_")[1]]
+        res = run_sub({"model": name, "mode": "phases", "batch": batch}, timeout, allocator)
+        if "error" in res:
+            print(f"{name:<16} b{batch:<3} {res['error']}")
+            continue
+        print(f"{name:<16} b{batch:<3} kept for backward +{res['kept_mb']:7.0f} MB, forward peak "
+              f"+{res['forward_peak_mb']:7.0f} MB, backward peak +{res['backward_peak_mb']:7.0f} MB", flush=True)
 
 
 def run_sub(spec: dict, timeout: float, allocator: str = "default") -> dict:
@@ -256,7 +293,7 @@ def part_configs(names: list[str], timeout: float, allocator: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["all", "compare", "configs", "pairs"], default="all")
+    parser.add_argument("--part", choices=["all", "compare", "configs", "pairs", "memory"], default="all")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of --part pairs")
     parser.add_argument("--configs", nargs="*", default=PAPER_CONFIGS)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
@@ -277,6 +314,8 @@ def main() -> None:
         part_configs(args.configs, args.timeout, args.allocator)
     if args.part == "pairs":
         part_pairs(args.rounds, args.timeout, args.allocator)
+    if args.part == "memory":
+        part_memory(args.configs, args.timeout, args.allocator)
 
 
 if __name__ == "__main__":
