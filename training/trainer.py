@@ -327,6 +327,12 @@ class Trainer:
     def fit(self, stop_after: int | None = None) -> list[dict[str, Any]]:
         """Train from the current epoch to ``config.train.epochs``; returns the metrics history.
 
+        One record per epoch (also a line of ``metrics.jsonl``): ``epoch``, ``step`` (optimizer
+        steps so far), ``lr`` (the learning rate of the epoch's first step, so near 0 in a first
+        epoch that starts a warm-up), ``train_loss`` and ``train_acc`` (over the epoch, raw weights),
+        ``val_loss`` and ``val_acc`` (the averaged weights when ``ema_decay`` is set), ``time_s``
+        (training and validation) and ``images_per_s`` (training only).
+
         Args:
             stop_after: Stop once this many epochs are complete (an interruption: the schedule
                 still spans ``config.train.epochs``, and a resumed run finishes it exactly).
