@@ -1,6 +1,7 @@
 """A/B of the attention kernel against an earlier commit's, on the RotMNIST R4 net (paper form).
 
 Loads ``training/attention_kernels.py`` as it was at REV (``git show``) beside the working tree's
+(the layers' own code stays the working tree's)
 and alternates them step by step in one process, on the same weights (SGD with lr 0, so every step
 sees the same model), so that drift of a shared machine hits both alike. Prints images/s of each
 (best of the steps after the first) for a training step at batch 8 and inference at batch 64.
@@ -42,11 +43,26 @@ def load_revision(rev: str, folder: Path):
     return module
 
 
+def layer_entry(module):
+    """What the layers call (``projected_window_attention``) from a kernel module; for revisions
+    before it existed (before 7f7b6e6), their ``window_attention`` on q, k, v projected here, which
+    is what the layers of those revisions did (q, k, v then kept for the backward pass)."""
+    if hasattr(module, "projected_window_attention"):
+        return module.projected_window_attention
+
+    def entry(form, x, params, project, table, *rest):
+        return module.window_attention(form, *project(x, *params), table, *rest)
+
+    return entry
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("rev", help="git revision of the kernel to compare against")
     parser.add_argument("--steps", type=int, default=4, help="steps of each kernel (the first is a warm-up)")
     args = parser.parse_args()
+    if not hasattr(base, "projected_window_attention"):  # else patching it below would change nothing
+        raise SystemExit("training.attention_base no longer calls projected_window_attention; update this script")
     with tempfile.TemporaryDirectory() as tmp:
         kernels = {args.rev: load_revision(args.rev, Path(tmp)), "working tree": current}
         torch.manual_seed(0)
@@ -58,7 +74,7 @@ def main() -> None:
             times: dict[str, list[float]] = {name: [] for name in kernels}
             for _ in range(args.steps):
                 for name, module in kernels.items():
-                    base.window_attention = module.window_attention
+                    base.projected_window_attention = layer_entry(module)
                     start = time.perf_counter()
                     step(x, y)
                     times[name].append(time.perf_counter() - start)
@@ -66,7 +82,7 @@ def main() -> None:
             rates = ", ".join(f"{name} {batch / best[name]:.2f} images/s" for name in kernels)
             print(f"{mode} b{batch}: {rates}; working tree / {args.rev} = "
                   f"{best[args.rev] / best['working tree']:.2f}x (best of {args.steps - 1})", flush=True)
-        base.window_attention = current.window_attention
+        base.projected_window_attention = current.projected_window_attention
 
 
 if __name__ == "__main__":
