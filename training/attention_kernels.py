@@ -21,7 +21,8 @@ on GPUs). Attention dropout masks are regenerated in the backward pass from a pe
 The layers go one step further (:class:`ProjectedWindowAttention`): they hand the kernel their
 input and projection weights rather than ``q, k, v``, which are several times larger (``nh d``
 channels against ``C``, keys and values zero-padded), and the backward pass recomputes the
-projections. The RotMNIST R4 net at batch 8 then keeps 51 MB for its backward pass instead of 117.
+projections. The RotMNIST R4 net at batch 8 then keeps 54 MB for its backward pass instead of 115
+(`benchmarks/bench_layers.py --part memory --allocator fixed`).
 """
 
 from __future__ import annotations
