@@ -32,7 +32,15 @@ __all__ = [
     "get_config",
     "create_model",
     "model_from_config",
+    "SPEED_ONLY_FIELDS",
+    "REGULARISATION_FIELDS",
 ]
+
+# Config fields that change speed and memory but not the function the weights compute: checkpoints
+# resume or fine-tune across them (a run trained with GPU-sized chunks continues on a CPU).
+SPEED_ONLY_FIELDS = ("chunk_elements",)
+# Config fields that act only in training (dropout rates): fine-tuning may change them, resuming not.
+REGULARISATION_FIELDS = ("input_drop", "pool_drop", "attn_drop", "value_drop")
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from training.config import OptimConfig, ScheduleConfig, TrainConfig, config_to_
 from training.data.common import dataset_fingerprint
 from training.data.transforms import rotate_bilinear
 from training.evaluate import evaluate_loader
+from training.networks import REGULARISATION_FIELDS, SPEED_ONLY_FIELDS
 
 __all__ = ["Trainer", "seed_everything", "resolve_device", "build_optimizer", "build_scheduler", "lr_lambda"]
 
@@ -204,12 +205,12 @@ class Trainer:
     def _load_same_model(self, path: str | Path, advice: str, free: tuple[str, ...] = ()) -> dict[str, Any]:
         """Read a checkpoint and check that it holds the configured model (name and config).
 
-        ``chunk_elements`` may always differ (it sets speed and memory, not the maths: a run trained
-        with GPU-sized chunks fine-tunes or resumes on a CPU); so may the config fields in ``free``.
+        The fields in :data:`training.networks.SPEED_ONLY_FIELDS` may always differ; so may those
+        in ``free``.
         """
         ckpt = load_checkpoint(path)
         name, model_config = model_metadata(self.model)
-        ignored = {"chunk_elements", *free}
+        ignored = {*SPEED_ONLY_FIELDS, *free}
         theirs = ckpt["model_config"] if isinstance(ckpt["model_config"], dict) else {}
         differ = sorted(k for k in set(theirs) | set(model_config)
                         if k not in ignored and theirs.get(k) != model_config.get(k))
@@ -222,13 +223,14 @@ class Trainer:
 
     def init_weights(self, path: str | Path) -> None:
         """Load only the model weights of ``path`` (a checkpoint of the same model and config; the
-        dropout rates and ``chunk_elements`` may differ).
+        dropout rates and ``chunk_elements`` may differ: ``REGULARISATION_FIELDS`` and
+        ``SPEED_ONLY_FIELDS`` of :mod:`training.networks`).
 
         Raises:
             CheckpointError: Unreadable checkpoint, another model, or weights that do not fit.
         """
         ckpt = self._load_same_model(path, "use a checkpoint of the same model settings",
-                                     free=("attn_drop", "value_drop"))
+                                     free=REGULARISATION_FIELDS)
         try:
             self.model.load_state_dict(ckpt["model_state"])
         except RuntimeError as exc:
