@@ -7,7 +7,7 @@ Examples::
     python -m training.cli evaluate --checkpoint runs/rotmnist_r4/checkpoint_best.pt \\
         --data ../shared/data/mnist/mnist-train-10k.npz --split val
 
-``evaluate`` writes one JSON document (accuracy, per-class accuracy, exact quarter-turn and
+``evaluate`` writes one JSON document (accuracy with its 95% Wilson interval, per-class accuracy, exact quarter-turn and
 bilinear rotation tables) to stdout and, with ``--output``, to a file.
 """
 

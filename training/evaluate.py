@@ -19,9 +19,29 @@ from tqdm.auto import tqdm
 
 from training.data.transforms import rotate_bilinear, rotate_quarter_turns
 
-__all__ = ["evaluate_loader", "evaluate_rotations", "DEFAULT_ANGLES"]
+__all__ = ["evaluate_loader", "evaluate_rotations", "wilson_interval", "DEFAULT_ANGLES"]
 
 DEFAULT_ANGLES = tuple(range(0, 360, 15))
+
+
+def wilson_interval(correct: int, count: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval of an accuracy of ``correct`` out of ``count`` (95% for the default z).
+
+    The set of true accuracies p that the observed one does not reject at that level:
+    ``|correct / count - p| <= z sqrt(p (1 - p) / count)``. It stays inside [0, 1] and is sensible
+    at 0 and 100%, unlike the normal approximation. On 1,000 validation digits an accuracy of
+    97.3% gives [96.1%, 98.1%]: differences of a few tenths between runs are within it.
+    """
+    if count <= 0:
+        raise ValueError(f"count must be positive, got {count}")
+    if not 0 <= correct <= count:
+        raise ValueError(f"correct must be in [0, count={count}], got {correct}")
+    p, z2 = correct / count, z * z
+    centre = (p + z2 / (2 * count)) / (1 + z2 / count)
+    half = z / (1 + z2 / count) * math.sqrt(p * (1 - p) / count + z2 / (4 * count * count))
+    low = 0.0 if correct == 0 else max(0.0, centre - half)  # the ends are exact at 0% and 100%
+    high = 1.0 if correct == count else min(1.0, centre + half)
+    return low, high
 
 
 def _logits(model: nn.Module, x: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
@@ -82,7 +102,8 @@ def evaluate_rotations(
         progress: Show a progress bar.
 
     Returns:
-        A JSON-ready dict: ``accuracy``, ``loss``, ``count``, ``per_class_accuracy``,
+        A JSON-ready dict: ``accuracy``, ``accuracy_ci95`` (Wilson score interval, the sampling
+        uncertainty of ``accuracy`` on ``count`` images), ``loss``, ``count``, ``per_class_accuracy``,
         ``rot90`` (keyed by degrees) and ``rotations`` (a list of ``{degrees, accuracy, ...}``).
     """
     model.eval()
@@ -104,10 +125,12 @@ def evaluate_rotations(
         for a, tally in bilinear.items():
             tally.add(model(rotate_bilinear(x, math.radians(a))).argmax(-1), y, pred)
     count = int(total.sum())
+    correct = int(base.correct.sum())
     per_class = {n: (int(c) / int(t) if t else None) for n, c, t in zip(names, base.correct, total)}
     return {
         "count": count,
         "accuracy": base.summary(total)["accuracy"],
+        "accuracy_ci95": list(wilson_interval(correct, count)) if count else None,
         "loss": loss / max(1, count),
         "per_class_accuracy": per_class,
         "rot90": {str(90 * k): t.summary(total) for k, t in quarter.items()},

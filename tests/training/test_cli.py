@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import logging
 import re
 from pathlib import Path
@@ -17,7 +18,7 @@ from training.checkpoint import load_checkpoint
 from training.cli import main
 from training.config import ConfigError, config_to_dict, load_config
 from training.data.common import TensorImageDataset
-from training.evaluate import evaluate_rotations
+from training.evaluate import evaluate_rotations, wilson_interval
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -122,6 +123,41 @@ def test_evaluate_rotations_rotates_the_inputs():
     assert report["rot90"]["0"] == {"accuracy": 1.0, "agreement_with_unrotated": 1.0}
     assert all(report["rot90"][str(a)]["accuracy"] == 0.0 for a in (90, 180, 270))
     assert [r["accuracy"] for r in report["rotations"]] == [1.0, 0.0, 0.0]
+    low, high = report["accuracy_ci95"]  # 8 of 8: Wilson's lower bound is n / (n + z^2)
+    assert high == 1.0 and low == pytest.approx(8 / (8 + 1.959963984540054**2), rel=1e-12)
+
+
+def _wilson_by_bisection(correct: int, count: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The interval's ends as the roots of |p_hat - p| = z sqrt(p (1 - p) / n), found numerically."""
+    p_hat = correct / count
+
+    def outside(p: float) -> bool:
+        return abs(p_hat - p) > z * math.sqrt(p * (1 - p) / count)
+
+    def root(inside: float, out: float) -> float:
+        for _ in range(200):
+            mid = (inside + out) / 2
+            inside, out = (inside, mid) if outside(mid) else (mid, out)
+        return (inside + out) / 2
+
+    return root(p_hat, 0.0) if correct else 0.0, root(p_hat, 1.0) if correct < count else 1.0
+
+
+@pytest.mark.parametrize("correct,count", [(973, 1000), (950, 1000), (1, 10), (0, 10), (10, 10), (5, 9)])
+def test_wilson_interval_matches_its_definition(correct, count):
+    low, high = wilson_interval(correct, count)
+    ref_low, ref_high = _wilson_by_bisection(correct, count)
+    assert low == pytest.approx(ref_low, abs=1e-12) and high == pytest.approx(ref_high, abs=1e-12)
+    assert 0.0 <= low <= correct / count <= high <= 1.0
+
+
+def test_wilson_interval_figures_and_errors():
+    low, high = wilson_interval(973, 1000)
+    assert (round(low, 4), round(high, 4)) == (0.961, 0.9814)
+    with pytest.raises(ValueError, match="count must be positive"):
+        wilson_interval(0, 0)
+    with pytest.raises(ValueError, match="correct must be in"):
+        wilson_interval(11, 10)
 
 
 # ---- the CLI end to end ----------------------------------------------------------------------
