@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import torch
 
+from training import fused_attention
+
 __all__ = ["attention_scores", "window_attention", "projected_window_attention", "inference_attention"]
 
 
@@ -153,7 +155,10 @@ def _chunk_forward(ws, form, qc, kwin, vwin, table, bias, p_drop, seed, out):
 
 
 def _run_chunks(q, k, v, table, form, index, bias, row_outside, n, p_drop, seeds):
-    """Forward over all chunks into one ``[B, nh, X, G, d]`` tensor, sharing one workspace."""
+    """Forward over all chunks into one ``[B, nh, X, G, d]`` tensor, sharing one workspace; on the
+    CPU the fused kernel (:mod:`training.fused_attention`, no chunks, ``seeds[0]`` for dropout)."""
+    if fused_attention.usable(q):
+        return fused_attention.forward(form, q, k, v, table, index, bias, p_drop, seeds[0] if seeds else 0)
     b, nh, x_total, _, _ = q.shape
     g = table.shape[1] // (index.shape[1] * k.shape[3]) if form == "paper" else table.shape[0]
     out = q.new_empty(b, nh, x_total, g, v.shape[-1])
@@ -209,7 +214,10 @@ class WindowAttention(torch.autograd.Function):
 
 
 def _attention_backward(q, k, v, table, form, index, bias, row_outside, n, p_drop, seeds, dout):
-    """Gradients ``(dq, dk, dv, dtable)`` of a whole layer's attention, chunk by chunk."""
+    """Gradients ``(dq, dk, dv, dtable)`` of a whole layer's attention, chunk by chunk (on the CPU
+    by the fused kernel, like :func:`_run_chunks`)."""
+    if fused_attention.usable(q):
+        return fused_attention.backward(form, q, k, v, table, index, bias, p_drop, seeds[0] if seeds else 0, dout)
     dq, dk, dv, dtable = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(table)
     dout = dout.contiguous()
     ws = _Workspace(q)

@@ -1,0 +1,553 @@
+// Fused windowed group attention for the CPU: forward and backward of
+// training/attention_kernels.py's chunked kernel, one query position at a time, with every
+// intermediate (scores, probabilities, their gradients) in buffers of a few KB per thread.
+//
+// Axes as in attention_kernels.py: B batch, NH heads, X query positions, GQ query orientations
+// (1 for lifting), G output orientations, NK key positions (padded image), GK key orientations,
+// P window offsets, J = P * GK keys per query, D head dim.
+//
+//   q      [B, NH, X, GQ, D]    k, v  [B, NH, NK, GK, D]    index [X, P] (key position of offset p)
+//   bias   [X, P] (0 or -inf) or an empty tensor
+//   table  paper [D, G, J] (element (d, h, j) at d*G*J + h*J + j), aligned [G, D, J]
+//   out    [B, NH, X, G, D]
+//
+// paper:   s[gq, h, j] = q[gq] . (k[j] + T[h, j]) + bias[j],  A[h, j] = sum_gq softmax_j(s[gq, h]) m[gq, h, j]
+// aligned: s[h, j]     = q[h]  . (k[j] + T[h, j]) + bias[j],  A[h, j] = softmax_j(s[h]) m[h, j]
+// out[h] = sum_j A[h, j] v[j]; m is the dropout mask (1 without dropout).
+//
+// The dropout mask is a hash of (seed, score index), so the backward pass regenerates it: a score
+// is kept when 16 bits of the hash are below round((1 - p) 2^16) and then scaled by 2^16 / that
+// threshold (the mask's mean is exactly 1, as in the Python kernel's CPU mask).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// Fixed-width vectors (GCC/Clang vector extensions: 512 bits, split by the compiler on narrower
+// hardware). Every per-query buffer is padded to a whole number of vectors along the keys j, so
+// the loops have no remainders; padded keys carry score -inf and zero keys, values and encodings.
+template <typename T>
+struct Vec;
+
+template <>
+struct Vec<float> {
+  typedef float V __attribute__((vector_size(64), aligned(4)));
+  typedef int32_t I __attribute__((vector_size(64), aligned(4)));
+  static constexpr int N = 16;
+
+  // exp(x) for x <= 0 (softmax after subtracting the row maximum). Cephes' expf: range reduction
+  // by ln 2 in two parts, a degree-5 polynomial, the power of two written into the exponent bits
+  // (n is rounded with the 1.5 * 2^23 trick); relative error about 1e-7. Arguments below -87,
+  // the masked keys' -inf among them, give exactly 0.
+  static V exp_neg(V x) {
+    const V xc = x < -87.0f ? V{} - 87.0f : x;
+    const V t = xc * 1.44269504088896341f + 12582912.0f;
+    const V n = t - 12582912.0f;
+    const V r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+    V p = V{} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const V y = p * r * r + r + 1.0f;
+    const I scale_bits = ((reinterpret_cast<const I&>(t) - 0x4B400000) + 127) << 23;
+    const V out = y * reinterpret_cast<const V&>(scale_bits);
+    const I keep = x >= -87.0f;
+    const I bits = reinterpret_cast<const I&>(out) & keep;
+    return reinterpret_cast<const V&>(bits);
+  }
+};
+
+template <>
+struct Vec<double> {
+  typedef double V __attribute__((vector_size(64), aligned(8)));
+  static constexpr int N = 8;
+
+  static V exp_neg(V x) {
+    V out;
+    for (int i = 0; i < N; ++i) out[i] = std::exp(x[i]);
+    return out;
+  }
+};
+
+template <typename T>
+inline typename Vec<T>::V load(const T* p) {
+  return *reinterpret_cast<const typename Vec<T>::V*>(p);
+}
+
+template <typename T>
+inline void store(T* p, typename Vec<T>::V v) {
+  *reinterpret_cast<typename Vec<T>::V*>(p) = v;
+}
+
+template <typename T>
+inline T hsum(typename Vec<T>::V v) {
+  T s = 0;
+  for (int i = 0; i < Vec<T>::N; ++i) s += v[i];
+  return s;
+}
+
+template <typename T>
+inline T hmax(typename Vec<T>::V v) {
+  T m = v[0];
+  for (int i = 1; i < Vec<T>::N; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+inline uint32_t mix32(uint32_t x) {  // a 32-bit integer hash (bijective), good avalanche
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+inline uint64_t mix64(uint64_t x) {  // splitmix64's finaliser
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+struct Shape {
+  int64_t B, NH, X, GQ, G, NK, GK, P, D, J;
+  int64_t Jp;  // J padded to whole vectors
+  bool paper;
+  int64_t t_sd, t_sh;  // strides of d and h in the caller's table
+  int64_t pairs() const { return paper ? GQ * G : G; }
+};
+
+Shape make_shape(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& table,
+                 const torch::Tensor& index, bool paper, int lanes) {
+  Shape s;
+  s.B = q.size(0);
+  s.NH = q.size(1);
+  s.X = q.size(2);
+  s.GQ = q.size(3);
+  s.D = q.size(4);
+  s.NK = k.size(2);
+  s.GK = k.size(3);
+  s.P = index.size(1);
+  s.J = s.P * s.GK;
+  s.Jp = (s.J + lanes - 1) / lanes * lanes;
+  s.paper = paper;
+  if (paper) {
+    TORCH_CHECK(table.dim() == 2 && table.size(0) == s.D && table.size(1) % s.J == 0,
+                "paper-form table must be [d, G*J] with d = ", s.D, " and J = ", s.J, ", got ", table.sizes());
+    s.G = table.size(1) / s.J;
+    s.t_sd = s.G * s.J;
+    s.t_sh = s.J;
+  } else {
+    TORCH_CHECK(table.dim() == 3 && table.size(1) == s.D && table.size(2) == s.J && table.size(0) == s.GQ,
+                "aligned-form table must be [G, d, J] with G = ", s.GQ, ", d = ", s.D, ", J = ", s.J, ", got ",
+                table.sizes());
+    s.G = s.GQ;
+    s.t_sd = s.J;
+    s.t_sh = s.D * s.J;
+  }
+  TORCH_CHECK(k.size(0) == s.B && k.size(1) == s.NH && k.size(4) == s.D, "k must be [B, nh, N, G', d], got ",
+              k.sizes(), " for q ", q.sizes());
+  TORCH_CHECK(index.size(0) == s.X, "index must have one row per query position: ", index.sizes(), " for X = ", s.X);
+  return s;
+}
+
+// 64-byte aligned scratch memory.
+template <typename T>
+struct Buffer {
+  T* data = nullptr;
+  explicit Buffer(int64_t n, T fill = T(0)) {
+    const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T) + 63) / 64 * 64;
+    data = static_cast<T*>(std::aligned_alloc(64, bytes));
+    TORCH_CHECK(data != nullptr, "out of memory for ", bytes, " bytes of attention scratch");
+    std::fill(data, data + n, fill);
+  }
+  ~Buffer() { std::free(data); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+};
+
+// Dropout: a per-layer key and the mask of one score row (gq, h) of one query.
+struct Dropout {
+  bool on = false;
+  uint32_t threshold = 65536;  // kept when a 16-bit lane < threshold
+  double scale = 1.0;
+  uint64_t seed = 0;
+  std::vector<uint32_t> inner;  // mix32(j ^ key) per key j
+
+  Dropout(double p, int64_t seed_, int64_t J) {
+    if (p <= 0.0) return;
+    on = true;
+    const long t = std::lround((1.0 - p) * 65536.0);
+    threshold = static_cast<uint32_t>(std::min(std::max(t, 1L), 65536L));
+    scale = 65536.0 / threshold;
+    seed = mix64(static_cast<uint64_t>(seed_));
+    inner.resize(J);
+    const uint32_t key = static_cast<uint32_t>(seed >> 32);
+    for (int64_t j = 0; j < J; ++j) inner[j] = mix32(static_cast<uint32_t>(j) ^ key);
+  }
+
+  template <typename T>
+  void fill(T* mask, uint64_t row, int64_t J, int64_t Jp) const {
+    const uint64_t h = mix64(seed ^ (row * 0xd1b54a32d192ed03ULL));
+    const uint32_t base = static_cast<uint32_t>(h) ^ static_cast<uint32_t>(h >> 32);
+    const T kept = static_cast<T>(scale);
+    const uint32_t* in = inner.data();
+    for (int64_t j = 0; j < J; ++j) mask[j] = (mix32(in[j] ^ base) >> 16) < threshold ? kept : T(0);
+    for (int64_t j = J; j < Jp; ++j) mask[j] = T(0);
+  }
+};
+
+inline uint64_t row_id(const Shape& s, int64_t bh, int64_t x, int64_t gq, int64_t h) {
+  return static_cast<uint64_t>(((bh * s.X + x) * s.GQ + gq) * s.G + h);
+}
+
+// The caller's table as [G][D][Jp], zero-padded.
+template <typename T>
+void pad_table(const Shape& s, const T* table, T* Tp) {
+  for (int64_t h = 0; h < s.G; ++h)
+    for (int64_t d = 0; d < s.D; ++d)
+      for (int64_t j = 0; j < s.J; ++j) Tp[(h * s.D + d) * s.Jp + j] = table[d * s.t_sd + h * s.t_sh + j];
+}
+
+// Per-thread work of one query position: the window's keys and values, content scores, the
+// probabilities of every (gq, h) row and their masked sum A.
+template <typename T>
+struct Query {
+  using V = typename Vec<T>::V;
+  static constexpr int N = Vec<T>::N;
+  const Shape& s;
+  const Dropout& drop;
+  const T* Tp;
+  Buffer<T> Kt, Vt, c, P, M, A;
+  int64_t NV;
+
+  Query(const Shape& s_, const Dropout& drop_, const T* Tp_)
+      : s(s_), drop(drop_), Tp(Tp_), Kt(s_.D * s_.Jp), Vt(s_.D * s_.Jp), c(s_.GQ * s_.Jp),
+        P(s_.pairs() * s_.Jp), M(drop_.on ? s_.pairs() * s_.Jp : 0), A(s_.G * s_.Jp), NV(s_.Jp / N) {}
+
+  // Kt, Vt [D][Jp]: transposed, so that the loops run over j (padding stays zero).
+  void gather(const T* k_bh, const T* v_bh, const int64_t* idx) {
+    const int64_t D = s.D, Jp = s.Jp;
+    for (int64_t p = 0; p < s.P; ++p) {
+      const T* ks = k_bh + idx[p] * s.GK * D;
+      const T* vs = v_bh + idx[p] * s.GK * D;
+      for (int64_t gk = 0; gk < s.GK; ++gk) {
+        const int64_t j = p * s.GK + gk;
+        for (int64_t d = 0; d < D; ++d) {
+          Kt.data[d * Jp + j] = ks[gk * D + d];
+          Vt.data[d * Jp + j] = vs[gk * D + d];
+        }
+      }
+    }
+  }
+
+  // c[gq][j] = q[gq] . k[j] + bias[j] (-inf on padding).
+  void content(const T* qx, const T* bias_x) {
+    const int64_t D = s.D, Jp = s.Jp;
+    T* c0 = c.data;
+    for (int64_t gq = 0; gq < s.GQ; ++gq) {
+      T* cr = c0 + gq * Jp;
+      for (int64_t p = 0; p < s.P; ++p)
+        for (int64_t gk = 0; gk < s.GK; ++gk) cr[p * s.GK + gk] = bias_x ? bias_x[p] : T(0);
+      for (int64_t j = s.J; j < Jp; ++j) cr[j] = -std::numeric_limits<T>::infinity();
+      const T* qv = qx + gq * D;
+      for (int64_t v = 0; v < NV; ++v) {
+        V acc = load(cr + v * N);
+        for (int64_t d = 0; d < D; ++d) acc += qv[d] * load(Kt.data + d * Jp + v * N);
+        store(cr + v * N, acc);
+      }
+    }
+  }
+
+  // Row pi = (gq, h): P[pi] = softmax_j(c[gq] + q[gq] . T[h]); A[h] += P[pi] M[pi].
+  void row(const T* qx, int64_t gq, int64_t h, int64_t pi, uint64_t rid) {
+    const int64_t D = s.D, Jp = s.Jp;
+    const T* qv = qx + gq * D;
+    const T* cr = c.data + gq * Jp;
+    const T* th = Tp + h * D * Jp;
+    T* pr = P.data + pi * Jp;
+    V vmax = V{} - std::numeric_limits<T>::infinity();
+    for (int64_t v = 0; v < NV; ++v) {
+      V acc = load(cr + v * N);
+      for (int64_t d = 0; d < D; ++d) acc += qv[d] * load(th + d * Jp + v * N);
+      store(pr + v * N, acc);
+      vmax = vmax > acc ? vmax : acc;
+    }
+    const T m = hmax<T>(vmax);
+    V vsum = V{};
+    for (int64_t v = 0; v < NV; ++v) {
+      const V e = Vec<T>::exp_neg(load(pr + v * N) - m);
+      store(pr + v * N, e);
+      vsum += e;
+    }
+    const T inv = T(1) / hsum<T>(vsum);
+    T* a = A.data + h * Jp;
+    if (drop.on) {
+      T* mr = M.data + pi * Jp;
+      drop.fill(mr, rid, s.J, Jp);
+      for (int64_t v = 0; v < NV; ++v) {
+        const V pv = load(pr + v * N) * inv;
+        store(pr + v * N, pv);
+        store(a + v * N, load(a + v * N) + pv * load(mr + v * N));
+      }
+    } else {
+      for (int64_t v = 0; v < NV; ++v) {
+        const V pv = load(pr + v * N) * inv;
+        store(pr + v * N, pv);
+        store(a + v * N, load(a + v * N) + pv);
+      }
+    }
+  }
+
+  // Everything of the forward pass at query x up to A.
+  void probabilities(const T* q_row, const T* k_bh, const T* v_bh, const int64_t* idx, const T* bias_x, int64_t bh,
+                     int64_t x) {
+    gather(k_bh, v_bh, idx);
+    content(q_row, bias_x);
+    std::fill(A.data, A.data + s.G * s.Jp, T(0));
+    int64_t pi = 0;
+    for (int64_t gq = 0; gq < s.GQ; ++gq)
+      for (int64_t h = s.paper ? 0 : gq; h < (s.paper ? s.G : gq + 1); ++h, ++pi)
+        row(q_row, gq, h, pi, row_id(s, bh, x, gq, h));
+  }
+};
+
+template <typename T>
+void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* table, const int64_t* index,
+                  const T* bias, const Dropout& drop, T* out) {
+  using V = typename Vec<T>::V;
+  constexpr int N = Vec<T>::N;
+  const int64_t D = s.D, Jp = s.Jp;
+  Buffer<T> Tp(s.G * D * Jp);
+  pad_table(s, table, Tp.data);
+  at::parallel_for(0, s.B * s.NH * s.X, 1, [&](int64_t begin, int64_t end) {
+    Query<T> w(s, drop, Tp.data);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t bh = r / s.X, x = r % s.X;
+      w.probabilities(q + r * s.GQ * D, k + bh * s.NK * s.GK * D, v + bh * s.NK * s.GK * D, index + x * s.P,
+                      bias ? bias + x * s.P : nullptr, bh, x);
+      T* o = out + r * s.G * D;
+      for (int64_t h = 0; h < s.G; ++h) {
+        const T* a = w.A.data + h * Jp;
+        for (int64_t d = 0; d < D; ++d) {
+          const T* vr = w.Vt.data + d * Jp;
+          V acc = V{};
+          for (int64_t vi = 0; vi < w.NV; ++vi) acc += load(a + vi * N) * load(vr + vi * N);
+          o[h * D + d] = hsum<T>(acc);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* table, const int64_t* index,
+                   const T* bias, const Dropout& drop, const T* dout, T* dq, T* dk, T* dv, T* dtable) {
+  using V = typename Vec<T>::V;
+  constexpr int N = Vec<T>::N;
+  const int64_t J = s.J, Jp = s.Jp, D = s.D, GQ = s.GQ, G = s.G;
+  const int64_t table_padded = G * D * Jp;
+  Buffer<T> Tp(table_padded);
+  pad_table(s, table, Tp.data);
+  const int threads = at::get_num_threads();
+  Buffer<T> partial(static_cast<int64_t>(threads) * table_padded);  // dT per thread, [G][D][Jp]
+  at::parallel_for(0, s.B * s.NH, 1, [&](int64_t begin, int64_t end) {
+    T* dT = partial.data + static_cast<int64_t>(at::get_thread_num()) * table_padded;
+    Query<T> w(s, drop, Tp.data);
+    const int64_t NV = w.NV;
+    Buffer<T> dA(G * Jp), dS(s.pairs() * Jp), dc(GQ * Jp), dKt(D * Jp), dVt(D * Jp), dqacc(GQ * D * N);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const T* k_bh = k + bh * s.NK * s.GK * D;
+      const T* v_bh = v + bh * s.NK * s.GK * D;
+      T* dk_bh = dk + bh * s.NK * s.GK * D;
+      T* dv_bh = dv + bh * s.NK * s.GK * D;
+      for (int64_t x = 0; x < s.X; ++x) {
+        const int64_t r = bh * s.X + x;
+        const T* qx = q + r * GQ * D;
+        const T* dox = dout + r * G * D;
+        const int64_t* idx = index + x * s.P;
+        w.probabilities(qx, k_bh, v_bh, idx, bias ? bias + x * s.P : nullptr, bh, x);
+        // dA[h][j] = dout[h] . v[j];  dv[j][d] = sum_h A[h][j] dout[h][d]
+        for (int64_t h = 0; h < G; ++h) {
+          for (int64_t vi = 0; vi < NV; ++vi) {
+            V acc = V{};
+            for (int64_t d = 0; d < D; ++d) acc += dox[h * D + d] * load(w.Vt.data + d * Jp + vi * N);
+            store(dA.data + h * Jp + vi * N, acc);
+          }
+        }
+        for (int64_t d = 0; d < D; ++d) {
+          for (int64_t vi = 0; vi < NV; ++vi) {
+            V acc = V{};
+            for (int64_t h = 0; h < G; ++h) acc += dox[h * D + d] * load(w.A.data + h * Jp + vi * N);
+            store(dVt.data + d * Jp + vi * N, acc);
+          }
+        }
+        // softmax backward per row: ds = p (dp - sum_j p dp), dp = dA[h] m
+        std::fill(dc.data, dc.data + GQ * Jp, T(0));
+        int64_t pi = 0;
+        for (int64_t gq = 0; gq < GQ; ++gq) {
+          for (int64_t h = s.paper ? 0 : gq; h < (s.paper ? G : gq + 1); ++h, ++pi) {
+            const T* pr = w.P.data + pi * Jp;
+            const T* da = dA.data + h * Jp;
+            T* dsr = dS.data + pi * Jp;
+            V vdot = V{};
+            for (int64_t vi = 0; vi < NV; ++vi) {
+              V dp = load(da + vi * N);
+              if (drop.on) dp *= load(w.M.data + pi * Jp + vi * N);
+              store(dsr + vi * N, dp);
+              vdot += load(pr + vi * N) * dp;
+            }
+            const T dot = hsum<T>(vdot);
+            T* dcr = dc.data + gq * Jp;
+            for (int64_t vi = 0; vi < NV; ++vi) {
+              const V ds = load(pr + vi * N) * (load(dsr + vi * N) - dot);
+              store(dsr + vi * N, ds);
+              store(dcr + vi * N, load(dcr + vi * N) + ds);
+            }
+          }
+        }
+        // dq[gq] (vector partial sums, reduced at the end): positional and content terms
+        std::fill(dqacc.data, dqacc.data + GQ * D * N, T(0));
+        pi = 0;
+        for (int64_t gq = 0; gq < GQ; ++gq) {
+          for (int64_t h = s.paper ? 0 : gq; h < (s.paper ? G : gq + 1); ++h, ++pi) {
+            const T* dsr = dS.data + pi * Jp;
+            const T* th = Tp.data + h * D * Jp;
+            for (int64_t d = 0; d < D; ++d) {
+              V acc = load(dqacc.data + (gq * D + d) * N);
+              for (int64_t vi = 0; vi < NV; ++vi) acc += load(dsr + vi * N) * load(th + d * Jp + vi * N);
+              store(dqacc.data + (gq * D + d) * N, acc);
+            }
+          }
+        }
+        for (int64_t gq = 0; gq < GQ; ++gq) {
+          const T* dcr = dc.data + gq * Jp;
+          for (int64_t d = 0; d < D; ++d) {
+            V acc = load(dqacc.data + (gq * D + d) * N);
+            for (int64_t vi = 0; vi < NV; ++vi) acc += load(dcr + vi * N) * load(w.Kt.data + d * Jp + vi * N);
+            dq[(r * GQ + gq) * D + d] = hsum<T>(acc);
+          }
+        }
+        // dT[h][d][j] += sum_gq q[gq][d] ds[gq, h][j]
+        if (s.paper) {
+          for (int64_t h = 0; h < G; ++h) {
+            for (int64_t d = 0; d < D; ++d) {
+              T* dtr = dT + (h * D + d) * Jp;
+              for (int64_t vi = 0; vi < NV; ++vi) {
+                V acc = load(dtr + vi * N);
+                for (int64_t gq = 0; gq < GQ; ++gq)
+                  acc += qx[gq * D + d] * load(dS.data + (gq * G + h) * Jp + vi * N);
+                store(dtr + vi * N, acc);
+              }
+            }
+          }
+        } else {
+          for (int64_t h = 0; h < G; ++h) {
+            const T* dsr = dS.data + h * Jp;
+            for (int64_t d = 0; d < D; ++d) {
+              T* dtr = dT + (h * D + d) * Jp;
+              const T qd = qx[h * D + d];
+              for (int64_t vi = 0; vi < NV; ++vi) store(dtr + vi * N, load(dtr + vi * N) + qd * load(dsr + vi * N));
+            }
+          }
+        }
+        // dk[j] = sum_gq dc[gq][j] q[gq]
+        for (int64_t d = 0; d < D; ++d) {
+          for (int64_t vi = 0; vi < NV; ++vi) {
+            V acc = V{};
+            for (int64_t gq = 0; gq < GQ; ++gq) acc += qx[gq * D + d] * load(dc.data + gq * Jp + vi * N);
+            store(dKt.data + d * Jp + vi * N, acc);
+          }
+        }
+        // scatter the window's key and value gradients back to their positions
+        for (int64_t p = 0; p < s.P; ++p) {
+          T* dks = dk_bh + idx[p] * s.GK * D;
+          T* dvs = dv_bh + idx[p] * s.GK * D;
+          for (int64_t gk = 0; gk < s.GK; ++gk) {
+            const int64_t j = p * s.GK + gk;
+            for (int64_t d = 0; d < D; ++d) {
+              dks[gk * D + d] += dKt.data[d * Jp + j];
+              dvs[gk * D + d] += dVt.data[d * Jp + j];
+            }
+          }
+        }
+      }
+    }
+  });
+  for (int t = 0; t < threads; ++t) {
+    const T* src = partial.data + static_cast<int64_t>(t) * table_padded;
+    for (int64_t h = 0; h < G; ++h)
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t j = 0; j < J; ++j) dtable[d * s.t_sd + h * s.t_sh + j] += src[(h * D + d) * Jp + j];
+  }
+}
+
+void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& table,
+                  const torch::Tensor& index, const torch::Tensor& bias) {
+  for (const auto* t : {&q, &k, &v, &table}) {
+    TORCH_CHECK(t->device().is_cpu(), "the fused attention kernel runs on the CPU only");
+    TORCH_CHECK(t->is_contiguous(), "the fused attention kernel needs contiguous tensors");
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "q, k, v and table must share one dtype, got ",
+                q.scalar_type(), " and ", t->scalar_type());
+  }
+  TORCH_CHECK(q.dim() == 5 && k.dim() == 5 && v.sizes() == k.sizes(), "q, k, v must be 5-d with k and v alike");
+  TORCH_CHECK(index.scalar_type() == torch::kLong && index.dim() == 2 && index.is_contiguous(),
+              "index must be a contiguous int64 [X, P] tensor");
+  if (bias.numel() > 0)
+    TORCH_CHECK(bias.sizes() == index.sizes() && bias.scalar_type() == q.scalar_type() && bias.is_contiguous(),
+                "bias must be a contiguous [X, P] tensor of q's dtype");
+}
+
+}  // namespace
+
+torch::Tensor fused_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor table,
+                            torch::Tensor index, torch::Tensor bias, bool paper, double p_drop, int64_t seed) {
+  check_inputs(q, k, v, table, index, bias);
+  const Shape s = make_shape(q, k, table, index, paper, q.scalar_type() == torch::kFloat ? 16 : 8);
+  auto out = torch::empty({s.B, s.NH, s.X, s.G, s.D}, q.options());
+  const Dropout drop(p_drop, seed, s.J);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fused_window_attention_forward", [&] {
+    forward_impl<scalar_t>(s, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                           table.data_ptr<scalar_t>(), index.data_ptr<int64_t>(),
+                           bias.numel() ? bias.data_ptr<scalar_t>() : nullptr, drop, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::vector<torch::Tensor> fused_backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor table,
+                                          torch::Tensor index, torch::Tensor bias, bool paper, double p_drop,
+                                          int64_t seed, torch::Tensor dout) {
+  check_inputs(q, k, v, table, index, bias);
+  const Shape s = make_shape(q, k, table, index, paper, q.scalar_type() == torch::kFloat ? 16 : 8);
+  TORCH_CHECK(dout.is_contiguous() && dout.scalar_type() == q.scalar_type() &&
+                  dout.sizes() == torch::IntArrayRef({s.B, s.NH, s.X, s.G, s.D}),
+              "dout must be a contiguous [B, nh, X, G, d] tensor of q's dtype, got ", dout.sizes());
+  auto dq = torch::empty_like(q);
+  auto dk = torch::zeros_like(k);
+  auto dv = torch::zeros_like(v);
+  auto dtable = torch::zeros_like(table);
+  const Dropout drop(p_drop, seed, s.J);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fused_window_attention_backward", [&] {
+    backward_impl<scalar_t>(s, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                            table.data_ptr<scalar_t>(), index.data_ptr<int64_t>(),
+                            bias.numel() ? bias.data_ptr<scalar_t>() : nullptr, drop, dout.data_ptr<scalar_t>(),
+                            dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
+                            dtable.data_ptr<scalar_t>());
+  });
+  return {dq, dk, dv, dtable};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &fused_forward, "fused windowed group attention, forward (CPU)");
+  m.def("backward", &fused_backward, "fused windowed group attention, backward (CPU)");
+}

@@ -1,0 +1,98 @@
+"""The fused CPU attention kernel (``training/csrc/window_attention.cpp``), built on first use.
+
+The chunked kernel of :mod:`training.attention_kernels` runs a few dozen ATen operations per chunk,
+each over a chunk-sized buffer of scores: on a CPU most of a training step went to their memory
+traffic and per-call overhead (tiny batched GEMMs with head dim 10), not to arithmetic. The fused
+kernel computes one query position at a time (gather its window, scores, softmax, dropout, sum
+over query orientations, the value product, and backward the same again) in a few KB per thread,
+so it also needs no chunking. The maths is the chunked kernel's; tests compare the two.
+
+It is compiled with :func:`torch.utils.cpp_extension.load` (needs a C++ compiler and ninja, which
+the ``train`` extra installs) into torch's extension cache the first time a CPU layer runs, about
+a minute. ``GSA_FUSED_ATTENTION`` chooses: ``auto`` (default: use it when it builds, else warn once
+and use the chunked kernel), ``1`` (must build, else raise), ``0`` (never). GPUs, graph capture
+(ONNX export, ``torch.compile``) and dtypes other than float32/float64 use the chunked kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["load", "usable", "forward", "backward", "MODES"]
+
+MODES = ("auto", "1", "0")
+SOURCE = Path(__file__).resolve().parent / "csrc" / "window_attention.cpp"
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _mode() -> str:
+    mode = os.environ.get("GSA_FUSED_ATTENTION", "auto").strip().lower()
+    if mode not in MODES:
+        raise ValueError(f"GSA_FUSED_ATTENTION must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def load():
+    """The compiled extension, building it on the first call; ``None`` when disabled or (mode
+    ``auto``) when the build fails."""
+    mode = _mode()
+    if mode == "0":
+        return None
+    with _lock:
+        if "module" not in _state:
+            try:
+                from torch.utils.cpp_extension import load as load_extension
+
+                # -march=native: built where it runs; the name keeps builds for different CPUs apart
+                tag = f"{platform.machine()}_{torch.backends.cpu.get_cpu_capability()}".lower()
+                _state["module"] = load_extension(
+                    name=f"gsa_window_attention_{tag}",
+                    sources=[str(SOURCE)],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"],
+                    verbose=False,
+                )
+            except Exception as error:  # noqa: BLE001 - any build failure falls back (or raises in mode 1)
+                _state["module"] = None
+                _state["error"] = error
+                if mode == "auto":
+                    warnings.warn(f"fused CPU attention kernel unavailable ({error}); using the chunked kernel",
+                                  RuntimeWarning, stacklevel=2)
+        if _state["module"] is None and mode == "1":
+            raise RuntimeError(f"GSA_FUSED_ATTENTION=1 but the fused kernel did not build: {_state.get('error')}")
+        return _state["module"]
+
+
+def usable(q: torch.Tensor) -> bool:
+    """Whether a layer call on ``q`` runs the fused kernel."""
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    return load() is not None
+
+
+def _bias(bias: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0) if bias is None else bias.to(like.dtype).contiguous()
+
+
+def forward(form, q, k, v, table, index, bias, p_drop: float, seed: int) -> torch.Tensor:
+    """``[B, nh, X, G, d]``, the chunked kernel's output (same arguments, one dropout seed)."""
+    return load().forward(q.contiguous(), k.contiguous(), v.contiguous(), table.contiguous(), index.contiguous(),
+                          _bias(bias, q), form == "paper", float(p_drop), int(seed))
+
+
+def backward(form, q, k, v, table, index, bias, p_drop: float, seed: int, dout):
+    """``(dq, dk, dv, dtable)`` for ``dout``; the dropout masks of :func:`forward` with ``seed``."""
+    dq, dk, dv, dtable = load().backward(q.contiguous(), k.contiguous(), v.contiguous(), table.contiguous(),
+                                         index.contiguous(), _bias(bias, q), form == "paper", float(p_drop),
+                                         int(seed), dout.contiguous())
+    return dq, dk, dv, dtable
