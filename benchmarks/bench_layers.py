@@ -4,8 +4,10 @@ Prints, for the RotMNIST R4 net (paper form and aligned form) and for a straight
 implementation written here (unfold plus one broadcast einsum over all indices, the positional
 MLP evaluated every forward, attention computed at every position and then cropped, as the
 paper's public code does): training images/s (forward + backward + Adam step) at batch 8 and 64,
-inference images/s at batch 64, and peak memory; outputs of all three compared first. Then one
-training step at the paper's batch size for every configuration of the paper (time, peak memory).
+inference images/s at batch 64, and peak memory; outputs of all three compared first. "ours" is
+the fused CPU kernel (training/fused_attention.py); "ours-chunked" the paper form on the chunked
+kernel that GPUs run (``GSA_FUSED_ATTENTION=0``). Then one training step at the paper's batch size
+for every configuration of the paper (time, peak memory).
 
 Every measurement runs in a fresh subprocess; peak memory is the process's peak resident set
 (``VmHWM``, reset just before the timed steps) above its resident set after one warm-up step at
@@ -196,7 +198,8 @@ def part_memory(names: list[str], timeout: float, allocator: str) -> None:
 
 def run_sub(spec: dict, timeout: float, allocator: str = "default") -> dict:
     cmd = [sys.executable, __file__, "--measure", json.dumps(spec)]
-    env = {**os.environ, **(ALLOCATOR_ENV if allocator == "fixed" else {})}
+    env = {**os.environ, **(ALLOCATOR_ENV if allocator == "fixed" else {}),
+           "GSA_FUSED_ATTENTION": "0" if spec.get("kernel") == "chunked" else "1"}
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     except subprocess.TimeoutExpired:
@@ -229,14 +232,15 @@ def compare_outputs() -> None:
 def part_compare(timeout: float, allocator: str) -> None:
     compare_outputs()
     rows = []
-    for impl, form in (("ours", "paper"), ("ours", "aligned"), ("naive", "paper")):
+    for impl, form, kernel in (("ours", "paper", "fused"), ("ours", "aligned", "fused"),
+                               ("ours", "paper", "chunked"), ("naive", "paper", "fused")):
         for mode, batch in (("train", 8), ("train", 64), ("infer", 8), ("infer", 64)):
             if impl == "naive" and batch == 64 and mode == "train":
                 continue  # B x heads x |H|^3 x H x W x P scores: about 2 GB each at batch 64
             spec = {"model": "gsa_rotmnist_r4", "overrides": {"form": form}, "impl": impl, "mode": mode,
-                    "batch": batch, "warmup": 1, "repeats": 2 if impl == "ours" else 1}
+                    "batch": batch, "warmup": 1, "repeats": 2 if impl == "ours" else 1, "kernel": kernel}
             res = run_sub(spec, timeout, allocator)
-            rows.append((f"{impl}-{form}", mode, batch, res))
+            rows.append((f"{impl}-{form}" + ("-chunked" if kernel == "chunked" else ""), mode, batch, res))
             print(_fmt_row(*rows[-1]), flush=True)
     base = {(m, b): r for name, m, b, r in rows if name == "naive-paper" and "error" not in r}
     for name, m, b, r in rows:
@@ -248,18 +252,21 @@ def part_compare(timeout: float, allocator: str) -> None:
 
 def part_pairs(rounds: int, timeout: float, allocator: str) -> None:
     """Paper form against the straightforward version at batch 8, alternated ``rounds`` times
-    (ours, then straightforward, for training and for inference): each round's ratios and their
-    median, so that the load drifting between runs moves both sides of a ratio alike."""
+    (ours on the fused kernel, ours on the chunked kernel, then straightforward, for training and
+    for inference): each round's ratios and their median, so that the load drifting between runs
+    moves both sides of a ratio alike."""
     import statistics
 
     print(f"\nalternated pairs at batch 8, paper form, {rounds} rounds")
     ratios: dict[str, list[tuple[float, float]]] = {"train": [], "infer": []}
+    fused_over_chunked: dict[str, list[float]] = {"train": [], "infer": []}
     for i in range(rounds):
         for mode in ("train", "infer"):
             res = {}
-            for impl in ("ours", "naive"):
-                spec = {"model": "gsa_rotmnist_r4", "overrides": {"form": "paper"}, "impl": impl, "mode": mode,
-                        "batch": 8, "warmup": 1, "repeats": 2 if impl == "ours" else 1}
+            for impl, kernel in (("ours", "fused"), ("chunked", "chunked"), ("naive", "fused")):
+                spec = {"model": "gsa_rotmnist_r4", "overrides": {"form": "paper"}, "mode": mode, "batch": 8,
+                        "impl": "naive" if impl == "naive" else "ours", "kernel": kernel, "warmup": 1,
+                        "repeats": 1 if impl == "naive" else 2}
                 res[impl] = run_sub(spec, timeout, allocator)
             if any("error" in r for r in res.values()):
                 print(f"round {i + 1} {mode}: {res}")
@@ -267,13 +274,16 @@ def part_pairs(rounds: int, timeout: float, allocator: str) -> None:
             speed = res["ours"]["images_per_s"] / res["naive"]["images_per_s"]
             memory = res["naive"]["peak_mb"] / max(res["ours"]["peak_mb"], 1.0)
             ratios[mode].append((speed, memory))
-            print(f"round {i + 1} {mode} b8: ours {res['ours']['images_per_s']:.2f} vs {res['naive']['images_per_s']:.2f} "
-                  f"images/s ({speed:.1f}x), {res['ours']['peak_mb']:.0f} vs {res['naive']['peak_mb']:.0f} MB "
+            fused_over_chunked[mode].append(res["ours"]["images_per_s"] / res["chunked"]["images_per_s"])
+            print(f"round {i + 1} {mode} b8: ours {res['ours']['images_per_s']:.2f} (chunked kernel "
+                  f"{res['chunked']['images_per_s']:.2f}) vs {res['naive']['images_per_s']:.2f} images/s ({speed:.1f}x), "
+                  f"{res['ours']['peak_mb']:.0f} ({res['chunked']['peak_mb']:.0f}) vs {res['naive']['peak_mb']:.0f} MB "
                   f"({memory:.1f}x less)", flush=True)
     for mode, values in ratios.items():
         if values:
             print(f"  median over {len(values)} rounds, {mode} b8: {statistics.median(v[0] for v in values):.1f}x faster, "
-                  f"{statistics.median(v[1] for v in values):.1f}x less peak memory")
+                  f"{statistics.median(v[1] for v in values):.1f}x less peak memory; fused kernel "
+                  f"{statistics.median(fused_over_chunked[mode]):.2f}x the chunked kernel's speed")
 
 
 def _fmt_row(name, mode, batch, res) -> str:

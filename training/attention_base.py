@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from training import fused_attention
 from training.attention_kernels import projected_window_attention
 from training.groups import Group
 from training.windows import neighbour_index, resolve_window_shape, window_offsets
@@ -158,9 +159,14 @@ class WindowedAttention(nn.Module):
         q = F.linear(xq, wq, bq) * self.scale  # B, H', W', G, nh d
         q = q.view(b, -1, g, nh, d).permute(0, 3, 1, 2, 4)  # B, nh, X, G, d
 
+        fused = fused_attention.usable(x)
+
         def keys(weight, bias):  # B, nh, HpWp, G, d; separate tensors, so that their gradients are too
             t = F.pad(F.linear(x, weight, bias), (0, 0, 0, 0, pad, pad, pad, pad))  # B, Hp, Wp, G, nh d
-            return t.view(b, -1, g, nh, d).permute(0, 3, 1, 2, 4).contiguous()
+            t = t.view(b, -1, g, nh, d)
+            if fused:  # laid out [B, nh, d, HpWp, G] in memory, as the fused kernel reads them
+                return t.permute(0, 3, 4, 1, 2).contiguous().permute(0, 1, 3, 4, 2)
+            return t.permute(0, 3, 1, 2, 4).contiguous()
 
         return q, keys(wk, bk), keys(wv, bv)
 

@@ -84,15 +84,22 @@ def _bias(bias: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0) if bias is None else bias.to(like.dtype).contiguous()
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim is contiguous, else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def forward(form, q, k, v, table, index, bias, p_drop: float, seed: int) -> torch.Tensor:
-    """``[B, nh, X, G, d]``, the chunked kernel's output (same arguments, one dropout seed)."""
-    return load().forward(q.contiguous(), k.contiguous(), v.contiguous(), table.contiguous(), index.contiguous(),
+    """``[B, nh, X, G, d]``, the chunked kernel's output (same arguments, one dropout seed), laid out
+    in memory as ``[B, X, G, nh, d]``. ``q`` (and backward ``dout``) may be any view whose head
+    dim is contiguous, such as the layers' permuted projections."""
+    return load().forward(_rows(q), k.contiguous(), v.contiguous(), table.contiguous(), index.contiguous(),
                           _bias(bias, q), form == "paper", float(p_drop), int(seed))
 
 
 def backward(form, q, k, v, table, index, bias, p_drop: float, seed: int, dout):
     """``(dq, dk, dv, dtable)`` for ``dout``; the dropout masks of :func:`forward` with ``seed``."""
-    dq, dk, dv, dtable = load().backward(q.contiguous(), k.contiguous(), v.contiguous(), table.contiguous(),
+    dq, dk, dv, dtable = load().backward(_rows(q), k.contiguous(), v.contiguous(), table.contiguous(),
                                          index.contiguous(), _bias(bias, q), form == "paper", float(p_drop),
-                                         int(seed), dout.contiguous())
+                                         int(seed), _rows(dout))
     return dq, dk, dv, dtable

@@ -18,6 +18,13 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(params=["chunked", "fused"])
+def attention_kernel(request, monkeypatch):
+    """The chunked kernel (what GPUs run) and the fused CPU kernel (training.fused_attention)."""
+    monkeypatch.setenv("GSA_FUSED_ATTENTION", "0" if request.param == "chunked" else "1")
+    return request.param
+
+
 def _reference(form, q, k, v, table, index, bias):
     """Plain autograd over a single chunk: the same maths, no hand-written backward."""
     idx = index.reshape(-1)
@@ -48,7 +55,7 @@ KERNEL_CASES = [("paper", 4, 4), ("paper", 1, 8), ("aligned", 4, 4), ("paper", 8
 
 @pytest.mark.parametrize("form,gq,g", KERNEL_CASES, ids=["paper-R4", "lifting-R8", "aligned-R4", "paper-R8"])
 @pytest.mark.parametrize("chunk", [1, 7, 1000])
-def test_hand_written_backward_matches_autograd(form, gq, g, chunk):
+def test_hand_written_backward_matches_autograd(form, gq, g, chunk, attention_kernel):
     q, k, v, table, index, bias, rows = _inputs(form, gq, g)
     out = WindowAttention.apply(q, k, v, table, form, index, bias, rows, chunk, 0.0)
     ref = _reference(form, q, k, v, table, index, bias)
@@ -61,7 +68,7 @@ def test_hand_written_backward_matches_autograd(form, gq, g, chunk):
 
 
 @pytest.mark.parametrize("form,gq,g", [("paper", 2, 2), ("aligned", 2, 2)])
-def test_backward_with_attention_dropout_passes_gradcheck(form, gq, g):
+def test_backward_with_attention_dropout_passes_gradcheck(form, gq, g, attention_kernel):
     q, k, v, table, index, bias, rows = _inputs(form, gq, g, size=4, kernel=3)
 
     def fn(q, k, v, table):
@@ -97,7 +104,8 @@ def test_dropout_mask_is_unbiased_reproducible_and_uncorrelated(p):
 
 
 @pytest.mark.parametrize("form", ["paper", "aligned"])
-def test_output_does_not_depend_on_chunk_size(form):
+def test_output_does_not_depend_on_chunk_size(form, monkeypatch):
+    monkeypatch.setenv("GSA_FUSED_ATTENTION", "0")  # the fused kernel has no chunks
     torch.manual_seed(0)
     layer = GroupSelfAttention(6, 8, 2, 5, get_group("R4"), 5, form=form).eval()
     x = torch.randn(2, 9, 9, 4, 6)
@@ -111,7 +119,7 @@ def test_output_does_not_depend_on_chunk_size(form):
 
 @pytest.mark.parametrize("name", ["gsa_rotmnist_r4", "gsa_rotmnist_r4m", "gsa_rotmnist_z2", "gsa_tiny_r4"])
 @pytest.mark.parametrize("form", ["paper", "aligned"])
-def test_every_parameter_gets_a_finite_gradient(name, form):
+def test_every_parameter_gets_a_finite_gradient(name, form, attention_kernel):
     torch.manual_seed(0)
     model = create_model(name, form=form, attn_drop=0.1, value_drop=0.1).train()
     cfg = model.config
@@ -154,7 +162,7 @@ def _layer_reference(layer, x):
 
 @pytest.mark.parametrize("kind,form", [("lifting", "paper"), ("group", "paper"), ("group", "aligned"),
                                        ("group-r4m", "paper")])
-def test_layer_gradients_with_recomputed_projections_match_autograd(kind, form):
+def test_layer_gradients_with_recomputed_projections_match_autograd(kind, form, attention_kernel):
     """Training saves the layer input, not q, k, v, and recomputes the projections backward: the
     gradients of the input and of every parameter (projections, encoding MLP, output map) must be
     those of plain autograd over the same maths."""

@@ -7,6 +7,7 @@
 // P window offsets, J = P * GK keys per query, D head dim.
 //
 //   q      [B, NH, X, GQ, D]    k, v  [B, NH, NK, GK, D]    index [X, P] (key position of offset p)
+//          (q, dout and out any strides with d contiguous; k and v are copied to [B, NH, D, NK GK])
 //   bias   [X, P] (0 or -inf) or an empty tensor
 //   table  paper [D, G, J] (element (d, h, j) at d*G*J + h*J + j), aligned [G, D, J]
 //   out    [B, NH, X, G, D]
@@ -161,6 +162,17 @@ Shape make_shape(const torch::Tensor& q, const torch::Tensor& k, const torch::Te
   return s;
 }
 
+// Strides of a [B, nh, X, G, d] tensor (d contiguous): the layers' q, out and dout are
+// permuted views of [B, X, G, nh, d] memory, read and written in place.
+struct Strides {
+  int64_t b, h, x, g;
+  explicit Strides(const torch::Tensor& t) : b(t.stride(0)), h(t.stride(1)), x(t.stride(2)), g(t.stride(3)) {
+    TORCH_CHECK(t.stride(4) == 1, "the fused attention kernel needs the head dim contiguous, got strides ",
+                t.strides());
+  }
+  int64_t row(int64_t bh, int64_t NH, int64_t x_) const { return (bh / NH) * b + (bh % NH) * h + x_ * x; }
+};
+
 // 64-byte aligned scratch memory.
 template <typename T>
 struct Buffer {
@@ -211,6 +223,17 @@ inline uint64_t row_id(const Shape& s, int64_t bh, int64_t x, int64_t gq, int64_
   return static_cast<uint64_t>(((bh * s.X + x) * s.GQ + gq) * s.G + h);
 }
 
+// Calls f(p, idx[p], len) for each run idx[p], idx[p] + 1, ..., idx[p] + len - 1 of a window.
+template <typename F>
+inline void for_runs(const int64_t* idx, int64_t P, F&& f) {
+  for (int64_t p = 0; p < P;) {
+    int64_t len = 1;
+    while (p + len < P && idx[p + len] == idx[p] + len) ++len;
+    f(p, idx[p], len);
+    p += len;
+  }
+}
+
 // The caller's table as [G][D][Jp], zero-padded.
 template <typename T>
 void pad_table(const Shape& s, const T* table, T* Tp) {
@@ -228,27 +251,32 @@ struct Query {
   const Shape& s;
   const Dropout& drop;
   const T* Tp;
-  Buffer<T> Kt, Vt, c, P, M, A;
+  Buffer<T> Kt, Vt, c, P, M, A, qx;
   int64_t NV;
 
   Query(const Shape& s_, const Dropout& drop_, const T* Tp_)
       : s(s_), drop(drop_), Tp(Tp_), Kt(s_.D * s_.Jp), Vt(s_.D * s_.Jp), c(s_.GQ * s_.Jp),
-        P(s_.pairs() * s_.Jp), M(drop_.on ? s_.pairs() * s_.Jp : 0), A(s_.G * s_.Jp), NV(s_.Jp / N) {}
+        P(s_.pairs() * s_.Jp), M(drop_.on ? s_.pairs() * s_.Jp : 0), A(s_.G * s_.Jp), qx(s_.GQ * s_.D),
+        NV(s_.Jp / N) {}
 
-  // Kt, Vt [D][Jp]: transposed, so that the loops run over j (padding stays zero).
-  void gather(const T* k_bh, const T* v_bh, const int64_t* idx) {
-    const int64_t D = s.D, Jp = s.Jp;
-    for (int64_t p = 0; p < s.P; ++p) {
-      const T* ks = k_bh + idx[p] * s.GK * D;
-      const T* vs = v_bh + idx[p] * s.GK * D;
-      for (int64_t gk = 0; gk < s.GK; ++gk) {
-        const int64_t j = p * s.GK + gk;
-        for (int64_t d = 0; d < D; ++d) {
-          Kt.data[d * Jp + j] = ks[gk * D + d];
-          Vt.data[d * Jp + j] = vs[gk * D + d];
+  // Kt, Vt [D][Jp] from kt, vt [D][NK GK] of this (batch, head): so that the loops run over j
+  // (padding stays zero). A window's offsets in one row are consecutive key positions, so
+  // each run of them is one contiguous copy per d.
+  void gather(const T* kt_bh, const T* vt_bh, const int64_t* idx) {
+    const int64_t D = s.D, Jp = s.Jp, row = s.NK * s.GK;
+    for_runs(idx, s.P, [&](int64_t p, int64_t pos, int64_t len) {
+      const int64_t n = len * s.GK;
+      for (int64_t d = 0; d < D; ++d) {  // short runs (5 x 4 for R4): a loop, not memcpy calls
+        T* __restrict kw = Kt.data + d * Jp + p * s.GK;
+        T* __restrict vw = Vt.data + d * Jp + p * s.GK;
+        const T* __restrict ks = kt_bh + d * row + pos * s.GK;
+        const T* __restrict vs = vt_bh + d * row + pos * s.GK;
+        for (int64_t i = 0; i < n; ++i) {
+          kw[i] = ks[i];
+          vw[i] = vs[i];
         }
       }
-    }
+    });
   }
 
   // c[gq][j] = q[gq] . k[j] + bias[j] (-inf on padding).
@@ -309,22 +337,24 @@ struct Query {
     }
   }
 
-  // Everything of the forward pass at query x up to A.
-  void probabilities(const T* q_row, const T* k_bh, const T* v_bh, const int64_t* idx, const T* bias_x, int64_t bh,
-                     int64_t x) {
+  // Everything of the forward pass at query x up to A; q_row[gq * q_sg + d] is q[gq][d].
+  void probabilities(const T* q_row, int64_t q_sg, const T* k_bh, const T* v_bh, const int64_t* idx,
+                     const T* bias_x, int64_t bh, int64_t x) {
+    for (int64_t gq = 0; gq < s.GQ; ++gq)
+      for (int64_t d = 0; d < s.D; ++d) qx.data[gq * s.D + d] = q_row[gq * q_sg + d];
     gather(k_bh, v_bh, idx);
-    content(q_row, bias_x);
+    content(qx.data, bias_x);
     std::fill(A.data, A.data + s.G * s.Jp, T(0));
     int64_t pi = 0;
     for (int64_t gq = 0; gq < s.GQ; ++gq)
       for (int64_t h = s.paper ? 0 : gq; h < (s.paper ? s.G : gq + 1); ++h, ++pi)
-        row(q_row, gq, h, pi, row_id(s, bh, x, gq, h));
+        row(qx.data, gq, h, pi, row_id(s, bh, x, gq, h));
   }
 };
 
 template <typename T>
-void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* table, const int64_t* index,
-                  const T* bias, const Dropout& drop, T* out) {
+void forward_impl(const Shape& s, const T* q, const Strides& qs, const T* k, const T* v, const T* table,
+                  const int64_t* index, const T* bias, const Dropout& drop, T* out, const Strides& os) {
   using V = typename Vec<T>::V;
   constexpr int N = Vec<T>::N;
   const int64_t D = s.D, Jp = s.Jp;
@@ -334,16 +364,16 @@ void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* t
     Query<T> w(s, drop, Tp.data);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t bh = r / s.X, x = r % s.X;
-      w.probabilities(q + r * s.GQ * D, k + bh * s.NK * s.GK * D, v + bh * s.NK * s.GK * D, index + x * s.P,
-                      bias ? bias + x * s.P : nullptr, bh, x);
-      T* o = out + r * s.G * D;
+      w.probabilities(q + qs.row(bh, s.NH, x), qs.g, k + bh * D * s.NK * s.GK, v + bh * D * s.NK * s.GK,
+                      index + x * s.P, bias ? bias + x * s.P : nullptr, bh, x);
+      T* o = out + os.row(bh, s.NH, x);
       for (int64_t h = 0; h < s.G; ++h) {
         const T* a = w.A.data + h * Jp;
         for (int64_t d = 0; d < D; ++d) {
           const T* vr = w.Vt.data + d * Jp;
           V acc = V{};
           for (int64_t vi = 0; vi < w.NV; ++vi) acc += load(a + vi * N) * load(vr + vi * N);
-          o[h * D + d] = hsum<T>(acc);
+          o[h * os.g + d] = hsum<T>(acc);
         }
       }
     }
@@ -351,8 +381,9 @@ void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* t
 }
 
 template <typename T>
-void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* table, const int64_t* index,
-                   const T* bias, const Dropout& drop, const T* dout, T* dq, T* dk, T* dv, T* dtable) {
+void backward_impl(const Shape& s, const T* q, const Strides& qs, const T* k, const T* v, const T* table,
+                   const int64_t* index, const T* bias, const Dropout& drop, const T* dout, const Strides& ds_,
+                   T* dq, const Strides& dqs, T* dk, T* dv, T* dtable) {
   using V = typename Vec<T>::V;
   constexpr int N = Vec<T>::N;
   const int64_t J = s.J, Jp = s.Jp, D = s.D, GQ = s.GQ, G = s.G;
@@ -365,18 +396,21 @@ void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* 
     T* dT = partial.data + static_cast<int64_t>(at::get_thread_num()) * table_padded;
     Query<T> w(s, drop, Tp.data);
     const int64_t NV = w.NV;
-    Buffer<T> dA(G * Jp), dS(s.pairs() * Jp), dc(GQ * Jp), dKt(D * Jp), dVt(D * Jp), dqacc(GQ * D * N);
+    Buffer<T> dA(G * Jp), dS(s.pairs() * Jp), dc(GQ * Jp), dKt(D * Jp), dVt(D * Jp), dqacc(GQ * D * N), dout_local(G * D);
+    T* dox = dout_local.data;
     for (int64_t bh = begin; bh < end; ++bh) {
-      const T* k_bh = k + bh * s.NK * s.GK * D;
-      const T* v_bh = v + bh * s.NK * s.GK * D;
-      T* dk_bh = dk + bh * s.NK * s.GK * D;
-      T* dv_bh = dv + bh * s.NK * s.GK * D;
+      const T* k_bh = k + bh * D * s.NK * s.GK;  // all four [D][NK GK]
+      const T* v_bh = v + bh * D * s.NK * s.GK;
+      T* dk_bh = dk + bh * D * s.NK * s.GK;
+      T* dv_bh = dv + bh * D * s.NK * s.GK;
       for (int64_t x = 0; x < s.X; ++x) {
-        const int64_t r = bh * s.X + x;
-        const T* qx = q + r * GQ * D;
-        const T* dox = dout + r * G * D;
         const int64_t* idx = index + x * s.P;
-        w.probabilities(qx, k_bh, v_bh, idx, bias ? bias + x * s.P : nullptr, bh, x);
+        w.probabilities(q + qs.row(bh, s.NH, x), qs.g, k_bh, v_bh, idx, bias ? bias + x * s.P : nullptr, bh, x);
+        const T* qx = w.qx.data;
+        const T* dout_row = dout + ds_.row(bh, s.NH, x);
+        for (int64_t h = 0; h < G; ++h)
+          for (int64_t d = 0; d < D; ++d) dox[h * D + d] = dout_row[h * ds_.g + d];
+        T* dq_row = dq + dqs.row(bh, s.NH, x);
         // dA[h][j] = dout[h] . v[j];  dv[j][d] = sum_h A[h][j] dout[h][d]
         for (int64_t h = 0; h < G; ++h) {
           for (int64_t vi = 0; vi < NV; ++vi) {
@@ -435,7 +469,7 @@ void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* 
           for (int64_t d = 0; d < D; ++d) {
             V acc = load(dqacc.data + (gq * D + d) * N);
             for (int64_t vi = 0; vi < NV; ++vi) acc += load(dcr + vi * N) * load(w.Kt.data + d * Jp + vi * N);
-            dq[(r * GQ + gq) * D + d] = hsum<T>(acc);
+            dq_row[gq * dqs.g + d] = hsum<T>(acc);
           }
         }
         // dT[h][d][j] += sum_gq q[gq][d] ds[gq, h][j]
@@ -469,18 +503,21 @@ void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* 
             store(dKt.data + d * Jp + vi * N, acc);
           }
         }
-        // scatter the window's key and value gradients back to their positions
-        for (int64_t p = 0; p < s.P; ++p) {
-          T* dks = dk_bh + idx[p] * s.GK * D;
-          T* dvs = dv_bh + idx[p] * s.GK * D;
-          for (int64_t gk = 0; gk < s.GK; ++gk) {
-            const int64_t j = p * s.GK + gk;
-            for (int64_t d = 0; d < D; ++d) {
-              dks[gk * D + d] += dKt.data[d * Jp + j];
-              dvs[gk * D + d] += dVt.data[d * Jp + j];
+        // add the window's key and value gradients at their positions
+        const int64_t krow = s.NK * s.GK;
+        for_runs(idx, s.P, [&](int64_t p, int64_t pos, int64_t len) {
+          const int64_t n = len * s.GK;
+          for (int64_t d = 0; d < D; ++d) {
+            T* __restrict dks = dk_bh + d * krow + pos * s.GK;
+            T* __restrict dvs = dv_bh + d * krow + pos * s.GK;
+            const T* __restrict dkw = dKt.data + d * Jp + p * s.GK;
+            const T* __restrict dvw = dVt.data + d * Jp + p * s.GK;
+            for (int64_t i = 0; i < n; ++i) {
+              dks[i] += dkw[i];
+              dvs[i] += dvw[i];
             }
           }
-        }
+        });
       }
     }
   });
@@ -496,7 +533,7 @@ void check_inputs(const torch::Tensor& q, const torch::Tensor& k, const torch::T
                   const torch::Tensor& index, const torch::Tensor& bias) {
   for (const auto* t : {&q, &k, &v, &table}) {
     TORCH_CHECK(t->device().is_cpu(), "the fused attention kernel runs on the CPU only");
-    TORCH_CHECK(t->is_contiguous(), "the fused attention kernel needs contiguous tensors");
+    TORCH_CHECK(t != &table || t->is_contiguous(), "the fused attention kernel needs a contiguous table");
     TORCH_CHECK(t->scalar_type() == q.scalar_type(), "q, k, v and table must share one dtype, got ",
                 q.scalar_type(), " and ", t->scalar_type());
   }
@@ -514,12 +551,17 @@ torch::Tensor fused_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, t
                             torch::Tensor index, torch::Tensor bias, bool paper, double p_drop, int64_t seed) {
   check_inputs(q, k, v, table, index, bias);
   const Shape s = make_shape(q, k, table, index, paper, q.scalar_type() == torch::kFloat ? 16 : 8);
-  auto out = torch::empty({s.B, s.NH, s.X, s.G, s.D}, q.options());
+  // [B, nh, X, G, d] over [B, X, G, nh, d] memory: the layer merges the heads without a copy
+  auto out = torch::empty({s.B, s.X, s.G, s.NH, s.D}, q.options()).permute({0, 3, 1, 2, 4});
   const Dropout drop(p_drop, seed, s.J);
+  // keys and values as [B, nh, d, N G']: a window row is then one contiguous run per d
+  const auto kt = k.permute({0, 1, 4, 2, 3}).contiguous();
+  const auto vt = v.permute({0, 1, 4, 2, 3}).contiguous();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fused_window_attention_forward", [&] {
-    forward_impl<scalar_t>(s, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+    forward_impl<scalar_t>(s, q.data_ptr<scalar_t>(), Strides(q), kt.data_ptr<scalar_t>(), vt.data_ptr<scalar_t>(),
                            table.data_ptr<scalar_t>(), index.data_ptr<int64_t>(),
-                           bias.numel() ? bias.data_ptr<scalar_t>() : nullptr, drop, out.data_ptr<scalar_t>());
+                           bias.numel() ? bias.data_ptr<scalar_t>() : nullptr, drop, out.data_ptr<scalar_t>(),
+                           Strides(out));
   });
   return out;
 }
@@ -529,22 +571,24 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor q, torch::Tensor k, torc
                                           int64_t seed, torch::Tensor dout) {
   check_inputs(q, k, v, table, index, bias);
   const Shape s = make_shape(q, k, table, index, paper, q.scalar_type() == torch::kFloat ? 16 : 8);
-  TORCH_CHECK(dout.is_contiguous() && dout.scalar_type() == q.scalar_type() &&
-                  dout.sizes() == torch::IntArrayRef({s.B, s.NH, s.X, s.G, s.D}),
-              "dout must be a contiguous [B, nh, X, G, d] tensor of q's dtype, got ", dout.sizes());
-  auto dq = torch::empty_like(q);
-  auto dk = torch::zeros_like(k);
-  auto dv = torch::zeros_like(v);
+  TORCH_CHECK(dout.scalar_type() == q.scalar_type() && dout.sizes() == torch::IntArrayRef({s.B, s.NH, s.X, s.G, s.D}),
+              "dout must be a [B, nh, X, G, d] tensor of q's dtype, got ", dout.sizes());
+  auto dq = torch::empty_like(q);  // q's memory layout
+  const auto kt = k.permute({0, 1, 4, 2, 3}).contiguous();
+  const auto vt = v.permute({0, 1, 4, 2, 3}).contiguous();
+  auto dkt = torch::zeros_like(kt);
+  auto dvt = torch::zeros_like(vt);
   auto dtable = torch::zeros_like(table);
   const Dropout drop(p_drop, seed, s.J);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fused_window_attention_backward", [&] {
-    backward_impl<scalar_t>(s, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+    backward_impl<scalar_t>(s, q.data_ptr<scalar_t>(), Strides(q), kt.data_ptr<scalar_t>(), vt.data_ptr<scalar_t>(),
                             table.data_ptr<scalar_t>(), index.data_ptr<int64_t>(),
                             bias.numel() ? bias.data_ptr<scalar_t>() : nullptr, drop, dout.data_ptr<scalar_t>(),
-                            dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
-                            dtable.data_ptr<scalar_t>());
+                            Strides(dout), dq.data_ptr<scalar_t>(), Strides(dq), dkt.data_ptr<scalar_t>(),
+                            dvt.data_ptr<scalar_t>(), dtable.data_ptr<scalar_t>());
   });
-  return {dq, dk, dv, dtable};
+  // back to [B, nh, N, G', d] (views of the [B, nh, d, N, G'] gradients)
+  return {dq, dkt.permute({0, 1, 3, 4, 2}), dvt.permute({0, 1, 3, 4, 2}), dtable};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
