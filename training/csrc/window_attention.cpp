@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -90,18 +91,114 @@ inline void store(T* p, typename Vec<T>::V v) {
   *reinterpret_cast<typename Vec<T>::V*>(p) = v;
 }
 
+// Horizontal sum and maximum: halving steps of whole-vector shuffles (a lane-by-lane loop compiles
+// to 16 dependent scalar operations).
+#if defined(__clang__)
+#define GSA_SWAP(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else
+#define GSA_SWAP(v, ...) __builtin_shuffle(v, Vec<float>::I{__VA_ARGS__})
+#endif
+
+template <typename Op>
+inline float reduce16(Vec<float>::V v, Op op) {
+  v = op(v, GSA_SWAP(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  v = op(v, GSA_SWAP(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  v = op(v, GSA_SWAP(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  v = op(v, GSA_SWAP(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+  return v[0];
+}
+#undef GSA_SWAP
+
 template <typename T>
 inline T hsum(typename Vec<T>::V v) {
-  T s = 0;
-  for (int i = 0; i < Vec<T>::N; ++i) s += v[i];
-  return s;
+  if constexpr (std::is_same_v<T, float>) {
+    return reduce16(v, [](Vec<float>::V a, Vec<float>::V b) { return a + b; });
+  } else {
+    T s = 0;
+    for (int i = 0; i < Vec<T>::N; ++i) s += v[i];
+    return s;
+  }
 }
 
 template <typename T>
 inline T hmax(typename Vec<T>::V v) {
-  T m = v[0];
-  for (int i = 1; i < Vec<T>::N; ++i) m = std::max(m, v[i]);
-  return m;
+  if constexpr (std::is_same_v<T, float>) {
+    return reduce16(v, [](Vec<float>::V a, Vec<float>::V b) { return a > b ? a : b; });
+  } else {
+    T m = v[0];
+    for (int i = 1; i < Vec<T>::N; ++i) m = std::max(m, v[i]);
+    return m;
+  }
+}
+
+// Blocked kernels over whole vectors. A loop that adds D products into one accumulator is a chain
+// of dependent FMAs (4 cycles each); blocks of K independent accumulators keep the FMA units busy.
+
+// out[v] = init[v] + sum_i coef[i * cstride] * rows[i * rstride + v] for K vectors v (init may be null).
+template <typename T, int K>
+inline void combine_block(const T* init, const T* coef, int64_t cstride, int64_t n, const T* rows, int64_t rstride,
+                          T* out) {
+  using V = typename Vec<T>::V;
+  constexpr int N = Vec<T>::N;
+  V a[K];
+#pragma GCC unroll 4
+  for (int k = 0; k < K; ++k) a[k] = init ? load(init + k * N) : V{};
+  for (int64_t i = 0; i < n; ++i) {
+    const T c = coef[i * cstride];
+    const T* r = rows + i * rstride;
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) a[k] += c * load(r + k * N);
+  }
+#pragma GCC unroll 4
+  for (int k = 0; k < K; ++k) store(out + k * N, a[k]);
+}
+
+// combine_block over NV vectors (out may alias init).
+template <typename T>
+inline void combine(const T* init, const T* coef, int64_t cstride, int64_t n, const T* rows, int64_t rstride,
+                    int64_t NV, T* out) {
+  constexpr int N = Vec<T>::N;
+  int64_t v = 0;
+  for (; v + 4 <= NV; v += 4)
+    combine_block<T, 4>(init ? init + v * N : nullptr, coef, cstride, n, rows + v * N, rstride, out + v * N);
+  const T* in = init ? init + v * N : nullptr;
+  switch (NV - v) {
+    case 3: combine_block<T, 3>(in, coef, cstride, n, rows + v * N, rstride, out + v * N); break;
+    case 2: combine_block<T, 2>(in, coef, cstride, n, rows + v * N, rstride, out + v * N); break;
+    case 1: combine_block<T, 1>(in, coef, cstride, n, rows + v * N, rstride, out + v * N); break;
+    default: break;
+  }
+}
+
+// acc[k] += sum_v a[v] * rows[k * rstride + v] (vector partial sums, reduced later) for K rows.
+template <typename T, int K>
+inline void vdots_block(const T* a, const T* rows, int64_t rstride, int64_t NV, T* acc) {
+  using V = typename Vec<T>::V;
+  constexpr int N = Vec<T>::N;
+  V s[K];
+#pragma GCC unroll 4
+  for (int k = 0; k < K; ++k) s[k] = load(acc + k * N);
+  for (int64_t v = 0; v < NV; ++v) {
+    const V av = load(a + v * N);
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) s[k] += av * load(rows + k * rstride + v * N);
+  }
+#pragma GCC unroll 4
+  for (int k = 0; k < K; ++k) store(acc + k * N, s[k]);
+}
+
+// vdots_block over n rows: acc [n][N].
+template <typename T>
+inline void vdots(const T* a, const T* rows, int64_t rstride, int64_t n, int64_t NV, T* acc) {
+  constexpr int N = Vec<T>::N;
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) vdots_block<T, 4>(a, rows + i * rstride, rstride, NV, acc + i * N);
+  switch (n - i) {
+    case 3: vdots_block<T, 3>(a, rows + i * rstride, rstride, NV, acc + i * N); break;
+    case 2: vdots_block<T, 2>(a, rows + i * rstride, rstride, NV, acc + i * N); break;
+    case 1: vdots_block<T, 1>(a, rows + i * rstride, rstride, NV, acc + i * N); break;
+    default: break;
+  }
 }
 
 inline uint32_t mix32(uint32_t x) {  // a 32-bit integer hash (bijective), good avalanche
@@ -288,12 +385,7 @@ struct Query {
       for (int64_t p = 0; p < s.P; ++p)
         for (int64_t gk = 0; gk < s.GK; ++gk) cr[p * s.GK + gk] = bias_x ? bias_x[p] : T(0);
       for (int64_t j = s.J; j < Jp; ++j) cr[j] = -std::numeric_limits<T>::infinity();
-      const T* qv = qx + gq * D;
-      for (int64_t v = 0; v < NV; ++v) {
-        V acc = load(cr + v * N);
-        for (int64_t d = 0; d < D; ++d) acc += qv[d] * load(Kt.data + d * Jp + v * N);
-        store(cr + v * N, acc);
-      }
+      combine(cr, qx + gq * D, 1, D, Kt.data, Jp, NV, cr);
     }
   }
 
@@ -304,12 +396,11 @@ struct Query {
     const T* cr = c.data + gq * Jp;
     const T* th = Tp + h * D * Jp;
     T* pr = P.data + pi * Jp;
-    V vmax = V{} - std::numeric_limits<T>::infinity();
-    for (int64_t v = 0; v < NV; ++v) {
-      V acc = load(cr + v * N);
-      for (int64_t d = 0; d < D; ++d) acc += qv[d] * load(th + d * Jp + v * N);
-      store(pr + v * N, acc);
-      vmax = vmax > acc ? vmax : acc;
+    combine(cr, qv, 1, D, th, Jp, NV, pr);
+    V vmax = load(pr);
+    for (int64_t v = 1; v < NV; ++v) {
+      const V sv = load(pr + v * N);
+      vmax = vmax > sv ? vmax : sv;
     }
     const T m = hmax<T>(vmax);
     V vsum = V{};
@@ -362,19 +453,16 @@ void forward_impl(const Shape& s, const T* q, const Strides& qs, const T* k, con
   pad_table(s, table, Tp.data);
   at::parallel_for(0, s.B * s.NH * s.X, 1, [&](int64_t begin, int64_t end) {
     Query<T> w(s, drop, Tp.data);
+    Buffer<T> partial(D * N);  // vector partial sums of one output row
     for (int64_t r = begin; r < end; ++r) {
       const int64_t bh = r / s.X, x = r % s.X;
       w.probabilities(q + qs.row(bh, s.NH, x), qs.g, k + bh * D * s.NK * s.GK, v + bh * D * s.NK * s.GK,
                       index + x * s.P, bias ? bias + x * s.P : nullptr, bh, x);
       T* o = out + os.row(bh, s.NH, x);
       for (int64_t h = 0; h < s.G; ++h) {
-        const T* a = w.A.data + h * Jp;
-        for (int64_t d = 0; d < D; ++d) {
-          const T* vr = w.Vt.data + d * Jp;
-          V acc = V{};
-          for (int64_t vi = 0; vi < w.NV; ++vi) acc += load(a + vi * N) * load(vr + vi * N);
-          o[h * os.g + d] = hsum<T>(acc);
-        }
+        std::fill(partial.data, partial.data + D * N, T(0));
+        vdots(w.A.data + h * Jp, w.Vt.data, Jp, D, w.NV, partial.data);
+        for (int64_t d = 0; d < D; ++d) o[h * os.g + d] = hsum<T>(load(partial.data + d * N));
       }
     }
   });
@@ -412,20 +500,8 @@ void backward_impl(const Shape& s, const T* q, const Strides& qs, const T* k, co
           for (int64_t d = 0; d < D; ++d) dox[h * D + d] = dout_row[h * ds_.g + d];
         T* dq_row = dq + dqs.row(bh, s.NH, x);
         // dA[h][j] = dout[h] . v[j];  dv[j][d] = sum_h A[h][j] dout[h][d]
-        for (int64_t h = 0; h < G; ++h) {
-          for (int64_t vi = 0; vi < NV; ++vi) {
-            V acc = V{};
-            for (int64_t d = 0; d < D; ++d) acc += dox[h * D + d] * load(w.Vt.data + d * Jp + vi * N);
-            store(dA.data + h * Jp + vi * N, acc);
-          }
-        }
-        for (int64_t d = 0; d < D; ++d) {
-          for (int64_t vi = 0; vi < NV; ++vi) {
-            V acc = V{};
-            for (int64_t h = 0; h < G; ++h) acc += dox[h * D + d] * load(w.A.data + h * Jp + vi * N);
-            store(dVt.data + d * Jp + vi * N, acc);
-          }
-        }
+        for (int64_t h = 0; h < G; ++h) combine<T>(nullptr, dox + h * D, 1, D, w.Vt.data, Jp, NV, dA.data + h * Jp);
+        for (int64_t d = 0; d < D; ++d) combine<T>(nullptr, dox + d, D, G, w.A.data, Jp, NV, dVt.data + d * Jp);
         // softmax backward per row: ds = p (dp - sum_j p dp), dp = dA[h] m
         std::fill(dc.data, dc.data + GQ * Jp, T(0));
         int64_t pi = 0;
@@ -455,54 +531,25 @@ void backward_impl(const Shape& s, const T* q, const Strides& qs, const T* k, co
         pi = 0;
         for (int64_t gq = 0; gq < GQ; ++gq) {
           for (int64_t h = s.paper ? 0 : gq; h < (s.paper ? G : gq + 1); ++h, ++pi) {
-            const T* dsr = dS.data + pi * Jp;
-            const T* th = Tp.data + h * D * Jp;
-            for (int64_t d = 0; d < D; ++d) {
-              V acc = load(dqacc.data + (gq * D + d) * N);
-              for (int64_t vi = 0; vi < NV; ++vi) acc += load(dsr + vi * N) * load(th + d * Jp + vi * N);
-              store(dqacc.data + (gq * D + d) * N, acc);
-            }
+            vdots(dS.data + pi * Jp, Tp.data + h * D * Jp, Jp, D, NV, dqacc.data + gq * D * N);
           }
         }
         for (int64_t gq = 0; gq < GQ; ++gq) {
-          const T* dcr = dc.data + gq * Jp;
-          for (int64_t d = 0; d < D; ++d) {
-            V acc = load(dqacc.data + (gq * D + d) * N);
-            for (int64_t vi = 0; vi < NV; ++vi) acc += load(dcr + vi * N) * load(w.Kt.data + d * Jp + vi * N);
-            dq_row[gq * dqs.g + d] = hsum<T>(acc);
-          }
+          vdots(dc.data + gq * Jp, w.Kt.data, Jp, D, NV, dqacc.data + gq * D * N);
+          for (int64_t d = 0; d < D; ++d) dq_row[gq * dqs.g + d] = hsum<T>(load(dqacc.data + (gq * D + d) * N));
         }
         // dT[h][d][j] += sum_gq q[gq][d] ds[gq, h][j]
-        if (s.paper) {
-          for (int64_t h = 0; h < G; ++h) {
-            for (int64_t d = 0; d < D; ++d) {
-              T* dtr = dT + (h * D + d) * Jp;
-              for (int64_t vi = 0; vi < NV; ++vi) {
-                V acc = load(dtr + vi * N);
-                for (int64_t gq = 0; gq < GQ; ++gq)
-                  acc += qx[gq * D + d] * load(dS.data + (gq * G + h) * Jp + vi * N);
-                store(dtr + vi * N, acc);
-              }
-            }
-          }
-        } else {
-          for (int64_t h = 0; h < G; ++h) {
-            const T* dsr = dS.data + h * Jp;
-            for (int64_t d = 0; d < D; ++d) {
-              T* dtr = dT + (h * D + d) * Jp;
-              const T qd = qx[h * D + d];
-              for (int64_t vi = 0; vi < NV; ++vi) store(dtr + vi * N, load(dtr + vi * N) + qd * load(dsr + vi * N));
-            }
+        for (int64_t h = 0; h < G; ++h) {
+          for (int64_t d = 0; d < D; ++d) {
+            T* dtr = dT + (h * D + d) * Jp;
+            if (s.paper)  // rows dS[gq * G + h] for gq = 0 .. GQ-1
+              combine(dtr, qx + d, D, GQ, dS.data + h * Jp, G * Jp, NV, dtr);
+            else
+              combine(dtr, qx + h * D + d, 1, 1, dS.data + h * Jp, Jp, NV, dtr);
           }
         }
         // dk[j] = sum_gq dc[gq][j] q[gq]
-        for (int64_t d = 0; d < D; ++d) {
-          for (int64_t vi = 0; vi < NV; ++vi) {
-            V acc = V{};
-            for (int64_t gq = 0; gq < GQ; ++gq) acc += qx[gq * D + d] * load(dc.data + gq * Jp + vi * N);
-            store(dKt.data + d * Jp + vi * N, acc);
-          }
-        }
+        for (int64_t d = 0; d < D; ++d) combine<T>(nullptr, qx + d, D, GQ, dc.data, Jp, NV, dKt.data + d * Jp);
         // add the window's key and value gradients at their positions
         const int64_t krow = s.NK * s.GK;
         for_runs(idx, s.P, [&](int64_t p, int64_t pos, int64_t len) {
