@@ -162,11 +162,14 @@ class WindowedAttention(nn.Module):
         fused = fused_attention.usable(x)
 
         def keys(weight, bias):  # B, nh, HpWp, G, d; separate tensors, so that their gradients are too
-            t = F.pad(F.linear(x, weight, bias), (0, 0, 0, 0, pad, pad, pad, pad))  # B, Hp, Wp, G, nh d
-            t = t.view(b, -1, g, nh, d)
-            if fused:  # laid out [B, nh, d, HpWp, G] in memory, as the fused kernel reads them
-                return t.permute(0, 3, 4, 1, 2).contiguous().permute(0, 1, 3, 4, 2)
-            return t.permute(0, 3, 1, 2, 4).contiguous()
+            t = F.linear(x, weight, bias).view(b, h, w, g, nh, d)
+            if fused:  # laid out [B, nh, d, Hp Wp, G] in memory, as the fused kernel reads them
+                t = t.permute(0, 4, 5, 1, 2, 3)  # B, nh, d, H, W, G: padded and laid out in one copy
+                t = (F.pad(t, (0, 0, pad, pad, pad, pad)) if pad else t).contiguous()
+                return t.view(b, nh, d, -1, g).permute(0, 1, 3, 4, 2)
+            if pad:
+                t = F.pad(t, (0, 0, 0, 0, 0, 0, pad, pad, pad, pad))  # B, Hp, Wp, G, nh, d
+            return t.reshape(b, -1, g, nh, d).permute(0, 3, 1, 2, 4).contiguous()
 
         return q, keys(wk, bk), keys(wv, bv)
 
