@@ -288,8 +288,8 @@ def part_pairs(rounds: int, timeout: float, allocator: str) -> None:
 
 def _fmt_row(name, mode, batch, res) -> str:
     if "error" in res:
-        return f"{name:<16} {mode:<5} b{batch:<3} {res['error']}"
-    return (f"{name:<16} {mode:<5} b{batch:<3} {res['images_per_s']:8.2f} images/s "
+        return f"{name:<18} {mode:<5} b{batch:<3} {res['error']}"
+    return (f"{name:<18} {mode:<5} b{batch:<3} {res['images_per_s']:8.2f} images/s "
             f"{res['seconds']:8.2f} s/step  peak +{res['peak_mb']:8.0f} MB")
 
 
