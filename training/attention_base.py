@@ -3,10 +3,12 @@
 Axes: B batch, C channels, G group size, H W spatial, X query positions (the cropped interior),
 P window offsets, J = P * G' keys per query, nh heads, d head dim.
 
-Memory is bounded by computing the attention for a chunk of query positions at a time (all
-of the batch, heads and group elements); the backward pass recomputes each chunk's scores
-(:mod:`training.attention_kernels`), so no score tensor outlives its chunk. ``chunk_elements``
-bounds the number of scores a chunk holds.
+On the CPU the attention runs in the fused kernel (:mod:`training.fused_attention`), one query
+position at a time, with no score tensor at all. Elsewhere (GPUs, ONNX export, or
+``GSA_FUSED_ATTENTION=0``) memory is bounded by computing the attention for a chunk of query
+positions at a time (all of the batch, heads and group elements); the backward pass recomputes
+each chunk's scores (:mod:`training.attention_kernels`), so no score tensor outlives its chunk.
+``chunk_elements`` bounds the number of scores a chunk holds.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from training.windows import neighbour_index, resolve_window_shape, window_offse
 
 __all__ = ["WindowedAttention", "DEFAULT_CHUNK_ELEMENTS"]
 
-# Scores per chunk: 1 MiB in float32, inside a 2 MiB L2 cache. On this project's 2-core EPYC the
+# Scores per chunk of the chunked kernel (the fused CPU kernel has no chunks): 1 MiB in float32,
+# inside a 2 MiB L2 cache. Measured with the chunked kernel on this project's 2-core EPYC, the
 # R4 training step at batch 8 ran at 7.8-8.3 images/s with 1 << 18 against 7.5-7.8 with 1 << 20
 # and 6.2-6.3 with 1 << 22 (inference at batch 64: no difference); GPUs want far larger chunks
 # (the GPU runs used 1 << 24).

@@ -18,6 +18,10 @@ probabilities and accumulates the gradients of k, v and the encoding table into 
 so memory stays at one chunk of scores whatever the image or batch size (as flash attention does
 on GPUs). Attention dropout masks are regenerated in the backward pass from a per-chunk seed.
 
+On the CPU, :func:`_run_chunks` and :func:`_attention_backward` hand the whole layer to the fused
+kernel (:mod:`training.fused_attention`, the same maths one query position at a time, no chunks);
+the chunk loop below is what GPUs, graph capture and ``GSA_FUSED_ATTENTION=0`` run.
+
 The layers go one step further (:class:`ProjectedWindowAttention`): they hand the kernel their
 input and projection weights rather than ``q, k, v``, which are several times larger (``nh d``
 channels against ``C``, keys and values zero-padded), and the backward pass recomputes the
