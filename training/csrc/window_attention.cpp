@@ -7,7 +7,8 @@
 // P window offsets, J = P * GK keys per query, D head dim.
 //
 //   q      [B, NH, X, GQ, D]    k, v  [B, NH, NK, GK, D]    index [X, P] (key position of offset p)
-//          (q, dout and out any strides with d contiguous; k and v are copied to [B, NH, D, NK GK])
+//          (q, dout and out: any strides with d contiguous; k and v are read as [B, NH, D, NK GK],
+//          a copy unless the layers already laid them out so)
 //   bias   [X, P] (0 or -inf) or an empty tensor
 //   table  paper [D, G, J] (element (d, h, j) at d*G*J + h*J + j), aligned [G, D, J]
 //   out    [B, NH, X, G, D]
@@ -18,7 +19,7 @@
 //
 // The dropout mask is a hash of (seed, score index), so the backward pass regenerates it: a score
 // is kept when 16 bits of the hash are below round((1 - p) 2^16) and then scaled by 2^16 / that
-// threshold (the mask's mean is exactly 1, as in the Python kernel's CPU mask).
+// threshold (the mask's expectation is exactly 1, as with the chunked kernel's CPU mask).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -26,6 +27,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -61,11 +63,11 @@ struct Vec<float> {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     const V y = p * r * r + r + 1.0f;
-    const I scale_bits = ((reinterpret_cast<const I&>(t) - 0x4B400000) + 127) << 23;
-    const V out = y * reinterpret_cast<const V&>(scale_bits);
+    const I scale_bits = (((I)t - 0x4B400000) + 127) << 23;  // vector casts reinterpret the bits
+    const V out = y * (V)scale_bits;
     const I keep = x >= -87.0f;
-    const I bits = reinterpret_cast<const I&>(out) & keep;
-    return reinterpret_cast<const V&>(bits);
+    const I bits = (I)out & keep;
+    return (V)bits;
   }
 };
 
@@ -446,7 +448,6 @@ struct Query {
 template <typename T>
 void forward_impl(const Shape& s, const T* q, const Strides& qs, const T* k, const T* v, const T* table,
                   const int64_t* index, const T* bias, const Dropout& drop, T* out, const Strides& os) {
-  using V = typename Vec<T>::V;
   constexpr int N = Vec<T>::N;
   const int64_t D = s.D, Jp = s.Jp;
   Buffer<T> Tp(s.G * D * Jp);
