@@ -175,16 +175,18 @@ def _run_chunks(q, k, v, table, form, index, bias, row_outside, n, p_drop, seeds
     return out
 
 
-def _seeds(x_total: int, n: int, p_drop: float) -> list[int]:
-    """One dropout seed per chunk, so the backward pass can regenerate each chunk's mask."""
-    return [int(torch.randint(0, 2**62, ())) if p_drop > 0 else 0 for _ in _chunks(x_total, n)]
+def _seeds(q: torch.Tensor, n: int, p_drop: float) -> list[int]:
+    """One dropout seed per chunk, so the backward pass can regenerate each chunk's mask (one for
+    the whole layer on the fused kernel, which has no chunks)."""
+    count = 1 if fused_attention.usable(q) else len(range(0, q.shape[2], n))
+    return [int(torch.randint(0, 2**62, ())) if p_drop > 0 else 0 for _ in range(count)]
 
 
 def inference_attention(form, q, k, v, table, index, bias, row_outside, n, p_drop=0.0):
     """Forward only (no autograd): ``[B, nh, X, G, d]``."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return _traceable_attention(form, q, k, v, table, index, bias, row_outside, n)
-    return _run_chunks(q, k, v, table, form, index, bias, row_outside, n, p_drop, _seeds(q.shape[2], n, p_drop))
+    return _run_chunks(q, k, v, table, form, index, bias, row_outside, n, p_drop, _seeds(q, n, p_drop))
 
 
 def _traceable_attention(form, q, k, v, table, index, bias, row_outside, n):
@@ -204,7 +206,7 @@ class WindowAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, table, form, index, bias, row_outside, n, p_drop):
-        seeds = _seeds(q.shape[2], n, p_drop)
+        seeds = _seeds(q, n, p_drop)
         out = _run_chunks(q, k, v, table, form, index, bias, row_outside, n, p_drop, seeds)
         ctx.save_for_backward(q, k, v, table)
         ctx.meta = (form, index, bias, row_outside, n, p_drop, seeds)
@@ -260,7 +262,7 @@ class ProjectedWindowAttention(torch.autograd.Function):
         device_type = x.device.type
         ctx.autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         q, k, v = _kernel_dtype(ctx.autocast[0], *project(x, *params))
-        seeds = _seeds(q.shape[2], n, p_drop)
+        seeds = _seeds(q, n, p_drop)
         with torch.autocast(device_type, enabled=False):
             out = _run_chunks(q, k, v, _kernel_dtype(ctx.autocast[0], table)[0], form, index, bias, row_outside, n,
                               p_drop, seeds)

@@ -53,6 +53,19 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + (os.pathsep + path if path else "")
 
 
+def _isa_flags(capability: str) -> list[str]:
+    """Instruction sets from torch's CPU capability, not ``-march=native``: the build is cached
+    under a name carrying the capability, and a cache shared by two CPUs of the same capability
+    (a home directory on NFS) must not hold instructions only one of them has."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    if capability == "AVX512":  # torch's AVX512 needs F, BW, VL and DQ
+        return ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mtune=native"]
+    if capability == "AVX2":
+        return ["-mavx2", "-mfma", "-mtune=native"]
+    return []
+
+
 def load():
     """The compiled extension, building it on the first call; ``None`` when disabled or (mode
     ``auto``) when the build fails."""
@@ -66,12 +79,12 @@ def load():
 
                 _put_ninja_on_path()
 
-                # -march=native: built where it runs; the name keeps builds for different CPUs apart
-                tag = f"{platform.machine()}_{torch.backends.cpu.get_cpu_capability()}".lower()
+                capability = torch.backends.cpu.get_cpu_capability()
+                tag = f"{platform.machine()}_{capability}".lower()  # builds for different CPUs kept apart
                 _state["module"] = load_extension(
                     name=f"gsa_window_attention_{tag}",
                     sources=[str(SOURCE)],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                    extra_cflags=["-O3", "-fopenmp", *_isa_flags(capability)],
                     extra_ldflags=["-fopenmp"],
                     verbose=False,
                 )
