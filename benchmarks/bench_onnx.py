@@ -9,7 +9,7 @@
 2. Sweeps ONNX Runtime session options at ``--sweep-batch``: intra-op threads 1/2, graph
    optimisation basic/extended/all, sequential or parallel execution (2 inter-op threads; the
    chunks of a layer are independent branches of the graph). Prints the table and the winner.
-3. Measures PyTorch eager (its own chunking) and ONNX Runtime (the best options of the sweep) with
+3. Measures PyTorch eager (on the CPU the fused attention kernel) and ONNX Runtime (the best options of the sweep) with
    1 and 2 threads at every batch size, and prints the ratios at equal thread counts and best
    against best.
 
