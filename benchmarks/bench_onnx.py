@@ -9,9 +9,9 @@
 2. Sweeps ONNX Runtime session options at ``--sweep-batch``: intra-op threads 1/2, graph
    optimisation basic/extended/all, sequential or parallel execution (2 inter-op threads; the
    chunks of a layer are independent branches of the graph). Prints the table and the winner.
-3. Measures PyTorch eager (on the CPU the fused attention kernel) and ONNX Runtime (the best options of the sweep) with
-   1 and 2 threads at every batch size, and prints the ratios at equal thread counts and best
-   against best.
+3. Measures PyTorch eager (on the CPU the fused attention kernel) and ONNX Runtime (the best
+   options of the sweep) with 1 and 2 threads at every batch size, and prints the ratios at equal
+   thread counts and best against best.
 
 Every measurement runs in a fresh subprocess: throughput over timed runs after one warm-up run, and
 peak resident memory above the baseline after loading (the kernel's peak counter is reset once the
