@@ -10,13 +10,16 @@ so it also needs no chunking. The maths is the chunked kernel's; tests compare t
 It is compiled with :func:`torch.utils.cpp_extension.load` (needs a C++ compiler with OpenMP, and
 ninja, which the ``train`` extra installs) into torch's extension cache (``TORCH_EXTENSIONS_DIR``,
 by default ``~/.cache/torch_extensions``) the first time a CPU layer runs: about 25 s on this
-project's 2-core machine, then loaded from the cache. ``GSA_FUSED_ATTENTION`` chooses: ``auto`` (default: use it when it builds, else warn once
-and use the chunked kernel), ``1`` (must build, else raise), ``0`` (never). GPUs, graph capture
-(ONNX export, ``torch.compile``) and dtypes other than float32/float64 use the chunked kernel.
+project's 2-core machine, then loaded from the cache; one build per CPU capability and version of
+the source (older builds stay in the cache until removed). ``GSA_FUSED_ATTENTION`` chooses:
+``auto`` (default: use it when it builds, else warn once and use the chunked kernel), ``1`` (must
+build, else raise), ``0`` (never). GPUs, graph capture (ONNX export, ``torch.compile``) and dtypes
+other than float32/float64 use the chunked kernel.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import threading
@@ -80,7 +83,10 @@ def load():
                 _put_ninja_on_path()
 
                 capability = torch.backends.cpu.get_cpu_capability()
-                tag = f"{platform.machine()}_{capability}".lower()  # builds for different CPUs kept apart
+                # builds for other CPUs and other versions of the source (another checkout sharing
+                # the cache) live apart instead of rebuilding over each other
+                source_hash = hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]
+                tag = f"{platform.machine()}_{capability}_{source_hash}".lower()
                 _state["module"] = load_extension(
                     name=f"gsa_window_attention_{tag}",
                     sources=[str(SOURCE)],
