@@ -5,7 +5,7 @@ implementation written here (unfold plus one broadcast einsum over all indices, 
 MLP evaluated every forward, attention computed at every position and then cropped, as the
 paper's public code does): training images/s (forward + backward + Adam step) at batch 8 and 64,
 inference images/s at batch 64, and peak memory; outputs of all three compared first. "ours" is
-the fused CPU kernel (training/fused_attention.py); "ours-chunked" the paper form on the chunked
+the fused CPU kernel (training/fused_attention.py); "ours-paper-chunked" the paper form on the chunked
 kernel that GPUs run (``GSA_FUSED_ATTENTION=0``). Then one training step at the paper's batch size
 for every configuration of the paper (time, peak memory).
 
