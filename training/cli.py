@@ -69,7 +69,7 @@ def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     seed_everything(config.train.seed)
     data = config.data
-    train_set = build_dataset(data.name, data.root, data.train_split, **data.options)
+    train_set = build_dataset(data.name, data.root, data.train_split, **{**data.options, **data.train_options})
     val_set = build_dataset(data.name, data.root, data.val_split, **data.options)
     model = create_model(config.model.name, **config.model.overrides)
     logger.info("model %s: %d parameters", model.name, sum(p.numel() for p in model.parameters()))

@@ -54,13 +54,20 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Which dataset, where, which splits; ``options`` go to the dataset reader."""
+    """Which dataset, where, which splits; ``options`` go to the dataset reader.
+
+    ``train_options`` override ``options`` for the training split only. With MNIST,
+    ``train_options: {rotate: false}`` and ``train.augment_rotation`` draw every training digit's
+    angle afresh at each epoch from its upright source, so it is interpolated once, as the
+    validation digits are (the rotated digits rotated again would be interpolated twice).
+    """
 
     name: str = "mnist"
     root: str = "../shared/data/mnist/mnist-train-10k.npz"
     train_split: str = "train"
     val_split: str = "val"
     options: dict[str, Any] = field(default_factory=dict)
+    train_options: dict[str, Any] = field(default_factory=dict)
     num_workers: int = 0
 
 

@@ -222,10 +222,31 @@ def test_cli_evaluate_chunk_size_changes_nothing_but_speed(tiny_run, capsys):
     assert small["rotations"] == default["rotations"] and small["rot90"] == default["rot90"]
 
 
+def test_cli_train_options_apply_to_the_training_split_only(tiny_run, tmp_path):
+    """``data.train_options`` override ``data.options`` for the training split: here upright
+    training digits (rotated afresh by the augmentation) and rotated validation digits."""
+    from training.data.common import dataset_fingerprint
+    from training.data.mnist import MNISTDataset
+
+    _, npz, base = tiny_run
+    out = tmp_path / "run"
+    argv = ["train", *base, "--set", "train.epochs=1", "--set", f"train.out_dir={out}",
+            "--set", "data.train_options.rotate=false", "--set", "train.augment_rotation=true"]
+    assert main(argv) == 0
+    assert load_config(out / "config.yaml").data.train_options == {"rotate": False}
+    upright = MNISTDataset(npz, "train", val_size=8, rotate=False)
+    rotated = MNISTDataset(npz, "train", val_size=8, rotate=True)
+    val = MNISTDataset(npz, "val", val_size=8, rotate=True)
+    fingerprint = load_checkpoint(out / "checkpoint_latest.pt")["data_fingerprint"]
+    assert fingerprint == dataset_fingerprint(train=upright, val=val)
+    assert fingerprint != dataset_fingerprint(train=rotated, val=val)
+
+
 @pytest.mark.parametrize(
     "argv, match",
     [
         (["train", "--set", "train.bach_size=8"], "unknown keys"),
+        (["train", "--set", "data.train_options.rotation=false"], "no options \\['rotation'\\]"),
         (["evaluate", "--checkpoint", "x.pt", "--data", "x", "--chunk-elements", "0"], "--chunk-elements must be >= 1"),
         (["train", "--set", "data.root=/nonexistent/mnist.npz"], "/nonexistent/mnist.npz"),
         (["evaluate", "--checkpoint", "/nonexistent.pt", "--data", "x"], "/nonexistent.pt: no such file"),
