@@ -107,6 +107,9 @@ class RunConfig:
     optimizer, schedule and epoch start fresh). ``augment_rotation`` rotates every training image
     by its own angle, uniform in [0, 2 pi), bilinearly, on the training device; the angles come
     from a generator seeded with ``(seed, epoch)``, so resumed runs stay exact.
+    ``augment_d4`` puts every training image under its own random element of D4 (quarter turns
+    and mirrors, exact on the grid); ``augment_hed`` (e.g. 0.05) is the sigma of HED stain jitter
+    for RGB H&E images (:func:`training.data.transforms.hed_jitter`); both use the same generator.
     ``ema_decay`` (e.g. 0.999) keeps an exponential moving average of the weights, updated after
     every optimizer step; validation, the best checkpoint and ``model_state`` then use the
     averaged weights (the raw ones are saved too, for resuming). ``ema_warmup`` (default on) ramps
@@ -127,6 +130,8 @@ class RunConfig:
     max_steps_per_epoch: int | None = None
     init_from: str | None = None
     augment_rotation: bool = False
+    augment_d4: bool = False
+    augment_hed: float = 0.0
     ema_decay: float | None = None
     ema_warmup: bool = True
 

@@ -41,7 +41,7 @@ from training.checkpoint import (
 )
 from training.config import OptimConfig, ScheduleConfig, TrainConfig, config_to_dict
 from training.data.common import dataset_fingerprint
-from training.data.transforms import rotate_bilinear
+from training.data.transforms import hed_jitter, random_d4, rotate_bilinear
 from training.evaluate import evaluate_loader
 from training.networks import REGULARISATION_FIELDS, SPEED_ONLY_FIELDS
 
@@ -312,6 +312,10 @@ class Trainer:
         if self.run.augment_rotation:
             angles = torch.rand(x.shape[0], generator=self.augment_generator, dtype=torch.float64) * (2 * math.pi)
             x = rotate_bilinear(x, angles.to(x.device)).clamp_(0.0, 1.0)
+        if self.run.augment_d4:
+            x = random_d4(x, self.augment_generator)
+        if self.run.augment_hed > 0:
+            x = hed_jitter(x, self.run.augment_hed, self.augment_generator)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
             logits = self.model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.run.label_smoothing)
