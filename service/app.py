@@ -75,9 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def _job_manager(settings: Settings, server: ModelServer) -> JobManager:
     def resolve_model(name: str, version: str | None):
-        mv = server.repository.get(name, version)  # Unavailable while loading: the job waits
-        assert mv.model is not None
-        return mv.model
+        return server.get(name, version)  # Unavailable while loading: the job waits
 
     return JobManager(settings.jobs_dir, resolve_model, settings.max_concurrent_jobs, settings.max_queued_jobs,
                       settings.resume_jobs)

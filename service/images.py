@@ -7,57 +7,84 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from service.card import ModelCard
+from gsa_contract import ModelCard
 from service.errors import PayloadTooLarge, Unprocessable, UnsupportedMediaType
 
-__all__ = ["ImageLimits", "IMAGE_MEDIA_TYPES", "decode_image", "to_model_input"]
+__all__ = ["ImageLimits", "IMAGE_MEDIA_TYPES", "open_image", "load_pixels", "decode_image", "to_model_input"]
 
 IMAGE_MEDIA_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/tiff": "TIFF"}
-_FORMATS = ("PNG", "JPEG", "TIFF")
+UPLOAD_FORMATS = ("PNG", "JPEG", "TIFF")
 
 
 @dataclass(frozen=True)
 class ImageLimits:
-    max_pixels: int
-    max_side: int
+    max_pixels: int = 4096 * 4096
+    max_side: int = 8192
 
 
-def decode_image(data: bytes, limits: ImageLimits, what: str = "image") -> np.ndarray:
-    """Bytes -> ``[H, W, C]`` uint8 (C = 1 or 3). Raises 415 for other formats, 413 for images over
-    the limits (before decoding their pixels), 422 for other pixel formats."""
-    if not data:
+def open_image(source: bytes | Path, limits: ImageLimits, what: str = "image",
+               formats: tuple[str, ...] = UPLOAD_FORMATS) -> Image.Image:
+    """Open a PNG, JPEG or TIFF and check its size from the header, before any pixel is decoded
+    (decompression bombs). Raises 415 for other formats, 413 over the limits, 422 for unreadable
+    or multi-frame files. The one image decoder of the service: uploads, patch sets and plain
+    images scored as slides all come through here."""
+    if isinstance(source, bytes) and not source:
         raise Unprocessable(f"{what} is empty")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=_FORMATS)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limits decide, below
+            img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=formats)
     except UnidentifiedImageError:
-        raise UnsupportedMediaType(f"{what} is not a PNG, JPEG or TIFF image") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UnsupportedMediaType(f"{what} is not a {', '.join(formats[:-1])} or {formats[-1]} image") from None
+    except Image.DecompressionBombError as exc:
         raise PayloadTooLarge(f"{what} is too large to decode: {exc}") from None
-    with img:
-        width, height = img.size
-        if width > limits.max_side or height > limits.max_side or width * height > limits.max_pixels:
-            raise PayloadTooLarge(
-                f"{what} is {width}x{height}; the limits are {limits.max_side} pixels a side and "
-                f"{limits.max_pixels} pixels in all"
-            )
-        if getattr(img, "n_frames", 1) > 1:
-            raise Unprocessable(f"{what} has {img.n_frames} frames; send single-frame images")
-        if img.mode not in ("L", "RGB"):
-            raise Unprocessable(f"{what} has pixel format {img.mode}; send 8-bit greyscale (L) or RGB")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img.load()
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise Unprocessable(f"{what} could not be decoded: {exc}") from None
-        array = np.asarray(img, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError) as exc:
+        raise Unprocessable(f"{what} cannot be read (a damaged or truncated file?): {exc}") from None
+    width, height = img.size
+    if width > limits.max_side or height > limits.max_side or width * height > limits.max_pixels:
+        img.close()
+        raise PayloadTooLarge(
+            f"{what} is {width}x{height}; the limits are {limits.max_side} pixels a side and "
+            f"{limits.max_pixels} pixels in all"
+        )
+    try:
+        frames = getattr(img, "n_frames", 1)  # a TIFF walks its directories: damage shows here
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError) as exc:
+        img.close()
+        raise Unprocessable(f"{what} cannot be read (a damaged or truncated file?): {exc}") from None
+    if frames > 1:
+        img.close()
+        raise Unprocessable(f"{what} has {frames} frames; send single-frame images")
+    return img
+
+
+def load_pixels(img: Image.Image, what: str = "image", convert_modes: bool = False) -> np.ndarray:
+    """An opened image's pixels as ``[H, W, C]`` uint8 (C = 1 or 3). Pixel formats other than 8-bit
+    grey (L) and RGB are refused (422), or converted to RGB with ``convert_modes``."""
+    if img.mode not in ("L", "RGB") and not convert_modes:
+        raise Unprocessable(f"{what} has pixel format {img.mode}; send 8-bit greyscale (L) or RGB")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+            if img.mode not in ("L", "RGB"):
+                img = img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError) as exc:
+        raise Unprocessable(f"{what} could not be decoded (a damaged or truncated file?): {exc}") from None
+    array = np.asarray(img, dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array
+
+
+def decode_image(source: bytes | Path, limits: ImageLimits, what: str = "image", convert_modes: bool = False,
+                 formats: tuple[str, ...] = UPLOAD_FORMATS) -> np.ndarray:
+    """Bytes or a file -> ``[H, W, C]`` uint8: :func:`open_image`, then :func:`load_pixels`."""
+    with open_image(source, limits, what, formats) as img:
+        return load_pixels(img, what, convert_modes)
 
 
 def to_model_input(

@@ -1,8 +1,7 @@
 """ONNX Runtime sessions for exported GSA-Nets (no FastAPI here).
 
-The graph contract: input ``image`` uint8 ``[N, H, W, C]`` with N dynamic; outputs ``logits``
-``[N, K]``, ``probabilities`` ``[N, K]``, ``orientation_responses`` ``[N, K, G]`` and optionally
-``features`` ``[N, D, G]``. :class:`OnnxModel` checks the graph against its card before serving it.
+The graph contract is :mod:`gsa_contract`'s; :class:`OnnxModel` checks a graph against its card
+before serving it.
 """
 
 from __future__ import annotations
@@ -14,15 +13,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.card import ModelCard
+from gsa_contract import FEATURES, INPUT_NAME, LOGITS, OPTIONAL_OUTPUTS, ORIENTATION_RESPONSES, PROBABILITIES, REQUIRED_OUTPUTS, ModelCard
 
-__all__ = ["GraphError", "TensorSpec", "OnnxModel", "choose_providers", "provider_options", "REQUIRED_OUTPUTS", "OPTIONAL_OUTPUTS"]
+__all__ = ["GraphError", "TensorSpec", "OnnxModel", "choose_providers", "provider_options"]
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "image"
-REQUIRED_OUTPUTS = ("logits", "probabilities", "orientation_responses")
-OPTIONAL_OUTPUTS = ("features",)
 
 # ONNX Runtime type strings -> (numpy dtype, Open Inference Protocol datatype)
 _ORT_TYPES = {
@@ -132,7 +128,7 @@ class OnnxModel:
         if missing:
             raise GraphError(f"graph lacks outputs {missing}")
         k, g = card.num_classes, card.group_order
-        want = {"logits": (k,), "probabilities": (k,), "orientation_responses": (k, g)}
+        want = {LOGITS: (k,), PROBABILITIES: (k,), ORIENTATION_RESPONSES: (k, g)}
         for name, tail in want.items():
             shape = outputs[name].shape
             if len(shape) != len(tail) + 1 or any(s != -1 and s != t for s, t in zip(shape[1:], tail)):
@@ -147,12 +143,17 @@ class OnnxModel:
         card = self.card
         got = self.run(np.zeros((1, card.height, card.width, card.channels), np.uint8))
         k, g = card.num_classes, card.group_order
-        want = {"logits": (1, k), "probabilities": (1, k), "orientation_responses": (1, k, g)}
+        want = {LOGITS: (1, k), PROBABILITIES: (1, k), ORIENTATION_RESPONSES: (1, k, g)}
         for name, shape in want.items():
             if got[name].shape != shape:
                 raise GraphError(f"graph output '{name}' has shape {list(got[name].shape)} for one image, card implies {list(shape)}")
-        if "features" in got and (got["features"].ndim != 3 or got["features"].shape[2] != g):
-            raise GraphError(f"graph output 'features' has shape {list(got['features'].shape)}, card implies [1, D, {g}]")
+        d = card.feature_dim
+        if FEATURES in got:
+            shape = got[FEATURES].shape
+            if len(shape) != 3 or shape[2] != g or (d is not None and shape[1] != d):
+                raise GraphError(f"graph output '{FEATURES}' has shape {list(shape)}, card implies [1, {d or 'D'}, {g}]")
+        elif d is not None:
+            raise GraphError(f"card lists a '{FEATURES}' output [N, {d}, {g}] that the graph lacks")
         bad = [name for name, value in got.items() if not np.isfinite(value).all()]
         if bad:
             raise GraphError(f"graph outputs {bad} are not finite for a blank image")

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from service.errors import BadRequest, Conflict, NotFound, Overloaded, ServiceError, Unavailable
-from service.scoring.errors import BadParameter, Cancelled, ScoringError
-from service.scoring.patches import PATCH_RESULTS, PatchOptions, score_patches
+from service.scoring.scoring_errors import BadParameter, Cancelled, ScoringError
+from service.scoring.patch_scoring import PATCH_RESULTS, PatchOptions, score_patches
 from service.scoring.pipeline import ScoringModel
-from service.scoring.slides import SLIDE_RESULTS, SlideOptions, score_slide
+from service.scoring.slide_scoring import SLIDE_RESULTS, SlideOptions, score_slide
 
 __all__ = ["JobState", "Job", "JobManager", "RESULT_MEDIA_TYPES"]
 

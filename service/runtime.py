@@ -1,31 +1,143 @@
-"""The model server's state: repository, one batcher per served version, readiness (no FastAPI)."""
+"""The model server's state (no FastAPI): which versions are served, each as a typed
+:class:`ServedModel` (card, ONNX Runtime session, dynamic batcher).
+
+Requests and scoring jobs reach a model through the same :class:`ServedModel` and so through the
+same batcher: its queue bound, overload answers and fairness hold for both.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
+import onnxruntime as ort
 
+from gsa_contract import ModelCard
 from service.batcher import DynamicBatcher
+from service.errors import ModelNotReady, NotFound, Overloaded, RequestTimeout, Unavailable
+from service.inference import OnnxModel, choose_providers, gpu_requested, provider_options
 from service.metrics import ServiceMetrics
-from service.repository import ModelRepository, ModelState, ModelVersion
+from service.repository import ModelRepository, VersionEntry, version_key
 from service.settings import Settings
 from service.stats import ModelStats
 
-__all__ = ["ModelServer"]
+__all__ = ["ModelState", "ServedModel", "ModelVersion", "ModelServer", "open_session"]
 
 log = logging.getLogger(__name__)
 
 
+class ModelState(str, enum.Enum):
+    LOADING = "LOADING"
+    READY = "READY"
+    FAILED = "FAILED"
+    UNLOADED = "UNLOADED"
+
+
+def open_session(entry: VersionEntry, settings: Settings) -> OnnxModel:
+    """An ONNX Runtime session for a valid version: providers from the settings, the fp16 graph on
+    CUDA when the card has one and ``prefer_fp16``; warmed up when ``settings.warmup``."""
+    assert entry.card is not None, entry.error
+    providers = choose_providers(settings.device, settings.providers, ort.get_available_providers())
+    on_gpu = providers[0] == "CUDAExecutionProvider"
+    model = OnnxModel(
+        entry.graph(fp16=on_gpu and settings.prefer_fp16), entry.card, provider_options(providers, settings.cuda_tf32),
+        settings.intra_op_threads, settings.inter_op_threads, settings.allow_spinning,
+    )
+    if gpu_requested(settings.device, settings.providers) and not model.on_gpu:
+        log.warning("a GPU was asked for but %s/%s runs on %s", entry.name, entry.version, model.providers)
+    elif settings.device == "auto" and "CUDAExecutionProvider" in providers and not model.on_gpu:
+        log.warning("CUDA is available but %s/%s fell back to %s", entry.name, entry.version, model.providers)
+    if settings.warmup:
+        bs = settings.batching_for(entry.name)
+        model.warmup([1, bs.max_batch_size if bs.enabled else 1])
+    return model
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A ready version: what every route and job runs through."""
+
+    card: ModelCard
+    session: OnnxModel
+    batcher: DynamicBatcher
+    loop: asyncio.AbstractEventLoop = field(repr=False)
+    timeout_s: float = 30.0
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+    @property
+    def version(self) -> str:
+        return self.card.version
+
+    async def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """``images`` uint8 ``[N, H, W, C]`` through the batcher (the request timeout applies)."""
+        return await self.batcher.infer(images, self.timeout_s)
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """The same from a worker thread (scoring jobs), one batcher-sized part at a time, so that
+        a job holds at most one batch in the queue and requests are served between its parts;
+        overload and timeouts are waited out instead of failing the job."""
+        step = self.batcher.max_batch
+        parts = [self._run_part(images[i:i + step]) for i in range(0, len(images), step)]
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _run_part(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        while True:
+            future = asyncio.run_coroutine_threadsafe(self.batcher.infer(images, self.timeout_s), self.loop)
+            try:
+                return future.result()
+            except Overloaded as exc:
+                time.sleep(min(5.0, float(exc.headers.get("Retry-After", 1))))
+            except RequestTimeout:
+                log.info("a job batch of %s/%s timed out in the queue; queued again", self.name, self.version)
+
+
+@dataclass
+class ModelVersion:
+    """One version and what became of it: LOADING, then READY (``served``) or FAILED (``reason``)."""
+
+    entry: VersionEntry
+    state: ModelState = ModelState.LOADING
+    reason: str = ""
+    served: ServedModel | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def version(self) -> str:
+        return self.entry.version
+
+    @property
+    def card(self) -> ModelCard | None:
+        return self.entry.card
+
+    @property
+    def ready(self) -> bool:
+        return self.state is ModelState.READY
+
+    @property
+    def providers(self) -> list[str]:
+        return self.served.session.providers if self.served is not None else []
+
+
 class ModelServer:
-    """Loads every model of the repository in the background and serves the ready ones."""
+    """Loads every valid version of the repository in the background and serves the ready ones."""
 
     def __init__(self, settings: Settings, metrics: ServiceMetrics):
         self.settings = settings
         self.metrics = metrics
         self.repository = ModelRepository(settings.model_dir)
+        self.versions: dict[str, dict[str, ModelVersion]] = {}
         self.stats: dict[tuple[str, str], ModelStats] = {}
         self.started_at = time.time()
         self.loaded = asyncio.Event()
@@ -35,34 +147,51 @@ class ModelServer:
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
         """Scan the repository now; load, warm up and start batchers in a background task."""
-        found = self.repository.scan()
-        log.info("model repository %s: %d model versions", self.settings.model_dir, len(found))
-        for mv in found:
+        self.versions = {}
+        for entry in self.repository.scan():
+            mv = ModelVersion(entry)
+            if not entry.valid:
+                mv.state, mv.reason = ModelState.FAILED, entry.error
+            self.versions.setdefault(entry.name, {})[entry.version] = mv
             self.metrics.model_ready.labels(mv.name, mv.version).set(0)
-        self._load_task = asyncio.get_running_loop().create_task(self._load_all(found), name="load-models")
+        log.info("model repository %s: %d model versions", self.settings.model_dir, len(self.all()))
+        self._load_task = asyncio.get_running_loop().create_task(self._load_all(), name="load-models")
 
-    async def _load_all(self, versions: list[ModelVersion]) -> None:
+    async def _load_all(self) -> None:
         t0 = time.perf_counter()
-        for mv in versions:
-            loaded = await asyncio.to_thread(self.repository.load, mv, self.settings)
-            if loaded and not self.shutting_down:
-                self._serve(mv)
-        self.loaded.set()
-        ready = sum(mv.ready for mv in versions)
-        log.info("loaded %d of %d model versions in %.2f s", ready, len(versions), time.perf_counter() - t0)
+        pending = [mv for mv in self.all() if mv.state is ModelState.LOADING]
+        slots = asyncio.Semaphore(self.settings.load_concurrency)
 
-    def _serve(self, mv: ModelVersion) -> None:
-        assert mv.model is not None
+        async def load(mv: ModelVersion) -> None:
+            async with slots:
+                try:
+                    session = await asyncio.to_thread(open_session, mv.entry, self.settings)
+                except Exception as exc:  # a broken model must not take the others down
+                    mv.state, mv.reason = ModelState.FAILED, f"{type(exc).__name__}: {exc}"
+                    log.error("model %s/%s failed to load: %s", mv.name, mv.version, mv.reason)
+                    return
+            if not self.shutting_down:
+                self._serve(mv, session)
+
+        await asyncio.gather(*(load(mv) for mv in pending))
+        self.loaded.set()
+        ready = sum(mv.ready for mv in self.all())
+        log.info("loaded %d of %d model versions in %.2f s", ready, len(self.all()), time.perf_counter() - t0)
+
+    def _serve(self, mv: ModelVersion, session: OnnxModel) -> None:
         stats = self.stats[(mv.name, mv.version)] = ModelStats(mv.name, mv.version)
         batcher = DynamicBatcher(
-            mv.name, mv.version, mv.model.run, self.settings.batching_for(mv.name), stats, self.metrics,
+            mv.name, mv.version, session.run, self.settings.batching_for(mv.name), stats, self.metrics,
             in_flight=lambda: self.metrics.in_flight,
         )
         batcher.start()
-        mv.runtime = batcher
+        assert mv.card is not None
+        mv.served = ServedModel(mv.card, session, batcher, asyncio.get_running_loop(), self.settings.request_timeout_s)
         mv.state = ModelState.READY
+        log.info("model %s/%s ready on %s", mv.name, mv.version, ",".join(session.providers),
+                 extra={"model": mv.name, "version": mv.version, "providers": session.providers})
         self.metrics.model_ready.labels(mv.name, mv.version).set(1)
-        for i, provider in enumerate(mv.model.providers):
+        for i, provider in enumerate(session.providers):
             self.metrics.provider_info.labels(mv.name, mv.version, provider).set(1 if i == 0 else 0)
 
     async def stop(self) -> None:
@@ -74,11 +203,10 @@ class ModelServer:
                 await self._load_task
             except asyncio.CancelledError:
                 pass
-        batchers = [mv.runtime for mv in self.repository.all() if mv.runtime is not None]
-        await asyncio.gather(*(b.close() for b in batchers))
-        for mv in self.repository.all():
+        await asyncio.gather(*(mv.served.batcher.close() for mv in self.all() if mv.served is not None))
+        for mv in self.all():
             if mv.ready:
-                mv.state, mv.runtime, mv.model = ModelState.UNLOADED, None, None
+                mv.state, mv.served = ModelState.UNLOADED, None
         log.info("all models unloaded")
 
     # ---- state --------------------------------------------------------------------------
@@ -87,12 +215,53 @@ class ModelServer:
         """Loaded and warmed up (every model, when strict), and not shutting down."""
         if not self.loaded.is_set() or self.shutting_down:
             return False
-        versions = self.repository.all()
         if self.settings.strict_readiness:
-            return all(mv.ready for mv in versions)
+            return all(mv.ready for mv in self.all())
         return True
 
-    async def infer(self, mv: ModelVersion, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Run ``images`` (``[N, H, W, C]`` uint8) through the version's batcher."""
-        batcher: DynamicBatcher = mv.runtime
-        return await batcher.infer(images, self.settings.request_timeout_s)
+    def all(self) -> list[ModelVersion]:
+        return [mv for versions in self.versions.values() for mv in versions.values()]
+
+    def get(self, name: str, version: str | None = None) -> ServedModel:
+        """The model to run: raises NotFound for unknown names, Unavailable (503) while it loads,
+        ModelNotReady (400) when it failed or was unloaded."""
+        mv = self.find(name, version)
+        if mv.state is ModelState.LOADING:  # transient: come back shortly
+            raise Unavailable(f"model '{name}' version '{mv.version}' is not ready yet (LOADING)", {"Retry-After": "1"})
+        if mv.served is None:
+            detail = f": {mv.reason}" if mv.reason else ""
+            raise ModelNotReady(f"model '{name}' version '{mv.version}' is not ready ({mv.state.value}{detail})")
+        return mv.served
+
+    def find(self, name: str, version: str | None = None) -> ModelVersion:
+        """A version whatever its state (metadata and readiness of broken models)."""
+        versions = self.versions.get(name)
+        if not versions:
+            known = f" (models: {', '.join(self.versions)})" if self.versions else " (no models are served)"
+            raise NotFound(f"unknown model '{name}'" + known)
+        if version is None:
+            return self.default(name)
+        if version not in versions:
+            raise NotFound(f"model '{name}' has no version '{version}' (versions: {', '.join(versions)})")
+        return versions[version]
+
+    def best_pathology_model(self) -> str | None:
+        """The name of the ready RGB model with an mpp whose card reports the highest validation
+        accuracy (``metrics.best.val_acc``); None when no such model is served."""
+        candidates = [mv for mv in self.all() if mv.ready and mv.card is not None and mv.card.mpp is not None
+                      and mv.card.channels == 3 and mv is self.default(mv.name)]
+        if not candidates:
+            return None
+
+        def accuracy(mv: ModelVersion) -> float:
+            best = mv.card.metrics.get("best") if mv.card is not None else None
+            value = best.get("val_acc") if isinstance(best, dict) else None
+            return float(value) if isinstance(value, (int, float)) else -1.0
+
+        return max(candidates, key=lambda mv: (accuracy(mv), mv.name)).name
+
+    def default(self, name: str) -> ModelVersion:
+        """Newest ready version; the newest of all when none is ready (to report why)."""
+        ordered = sorted(self.versions[name].values(), key=lambda mv: version_key(mv.version))
+        ready = [mv for mv in ordered if mv.ready]
+        return (ready or ordered)[-1]

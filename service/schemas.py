@@ -56,6 +56,14 @@ class Orientation(BaseModel):
     responses: dict[str, list[float]] = Field(description="label -> response at each group element, in element order")
 
 
+class Features(BaseModel):
+    """The spatially pooled last hidden layer: ``per_element[d][h]`` ([D, |H|], rotating the input
+    permutes the columns) and its orientation-pooled, invariant mean ``invariant[d]`` ([D])."""
+
+    invariant: list[float]
+    per_element: list[list[float]]
+
+
 class ImagePrediction(BaseModel):
     index: int
     filename: str | None = None
@@ -67,6 +75,8 @@ class ImagePrediction(BaseModel):
         description="angle in degrees of the group element where the top class responds most"
     )
     dominant_element: GroupElementOut
+    features: Features | None = Field(None, description="only with ?features=true, for models exported with features")
+
 
 
 class PredictResponse(BaseModel):

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from service.scoring.errors import ScoringError
-from service.scoring.patches import PatchOptions, score_patches
-from service.scoring.slides import SlideOptions, score_slide
+from service.scoring.scoring_errors import ScoringError
+from service.scoring.patch_scoring import PatchOptions, score_patches
+from service.scoring.slide_scoring import SlideOptions, score_slide
 from service.settings import Settings
 
 __all__ = ["main", "load_model", "ProgressBar"]
@@ -53,21 +53,30 @@ class ProgressBar:
 
 
 def load_model(model_dir: Path, name: str, version: str | None, threads: int = 0):
-    """Load one version from the model repository (card and sha256 checked) as an OnnxModel."""
-    from service.repository import ModelRepository
+    """Load one version from the model repository (card and sha256 checked) as an OnnxModel: the
+    newest valid one when ``version`` is None."""
+    from service.repository import ModelRepository, version_key
+    from service.runtime import open_session
 
-    repo = ModelRepository(model_dir)
-    repo.scan()
-    from service.errors import ServiceError
-
-    try:
-        mv = repo.find(name, version)
-    except ServiceError as exc:
-        raise ScoringError(f"{exc.message} in {model_dir}") from None
+    entries = [e for e in ModelRepository(model_dir).scan() if e.name == name]
+    if not entries:
+        raise ScoringError(f"unknown model '{name}' in {model_dir}")
+    if version is None:
+        valid = [e for e in entries if e.valid]
+        entry = max(valid or entries, key=lambda e: version_key(e.version))
+    else:
+        matches = [e for e in entries if e.version == version]
+        if not matches:
+            raise ScoringError(f"model '{name}' has no version '{version}' in {model_dir} "
+                               f"(versions: {', '.join(e.version for e in entries)})")
+        entry = matches[0]
+    if not entry.valid:
+        raise ScoringError(f"model {entry.name}/{entry.version} cannot be loaded: {entry.error}")
     settings = Settings(model_dir=model_dir, device="cpu", warmup=False, intra_op_threads=threads)
-    if not repo.load(mv, settings):
-        raise ScoringError(f"model {mv.name}/{mv.version} cannot be loaded: {mv.reason}")
-    return mv.model
+    try:
+        return open_session(entry, settings)
+    except Exception as exc:
+        raise ScoringError(f"model {entry.name}/{entry.version} cannot be loaded: {type(exc).__name__}: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--readers", type=int, default=1, help="reader threads")
     common.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)")
     common.add_argument("--quiet", action="store_true", help="no progress bar")
+    common.add_argument("--embeddings", choices=("none", "invariant", "full"), default="none",
+                        help="write embeddings.h5: per-item invariant features [D] (invariant), also [D, |H|] "
+                             "(full); the model must be exported with features")
 
     s = sub.add_parser("slide", parents=[common], help="score a whole slide")
     s.add_argument("path", type=Path, help="slide (SVS, NDPI, MRXS, tiled TIFF, ... or PNG/JPEG/TIFF)")
@@ -112,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             options = SlideOptions(
                 stride=args.stride, overlap=args.overlap, min_tissue=args.min_tissue, tissue=args.tissue,
                 slide_mpp=args.slide_mpp, heatmap_label=args.heatmap_label, batch_size=args.batch_size,
-                readers=args.readers,
+                readers=args.readers, embeddings=args.embeddings,
             )
             meta = score_slide(model, args.path, args.out, options, progress=progress, cancel=cancel)
             counts = meta["counts"]
@@ -120,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"({counts['skipped_tiles']} without tissue) in {meta['timing']['total_s']:.1f} s -> {args.out}")
         else:
             options = PatchOptions(fit=args.fit, labels_path=args.labels, batch_size=args.batch_size,
-                                   readers=args.readers)
+                                   readers=args.readers, embeddings=args.embeddings)
             meta = score_patches(model, args.path, args.out, options, progress=progress, cancel=cancel)
             print(f"{meta['counts']['scored']} patches scored in {meta['timing']['total_s']:.1f} s -> {args.out}")
             if meta["summary"]:

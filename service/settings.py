@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     prefer_fp16: bool = True
     cuda_tf32: bool = False  # TF32 matrix products on CUDA: faster, but fp32 logits moved by ~1e-2 (H200)
     warmup: bool = True  # run every model once per batch size bucket before ready
+    load_concurrency: int = Field(2, ge=1)  # versions loaded and warmed up at once at start-up
 
     # batching
     batching: BatchingSettings = BatchingSettings()

@@ -28,16 +28,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from gsa_contract import CARD_FILE, FP16_FILE, GRAPH_FILE, GroupElement, GroupSpec, InputSpec, ModelCard
 from training.checkpoint import CheckpointError, load_model
 from training.export_checks import check_parity, find_encoding_mlp, run_onnx
 from training.export_graph import CHUNK_BATCH, CHUNK_SCORES, DEFAULT_OPSET, ExportParityError, build_graph, to_fp16
 from training.networks import GSANet
 
-__all__ = ["GRAPH_FILE", "FP16_FILE", "CARD_FILE", "PCAM_MPP", "export_model", "build_card", "main"]
+__all__ = ["PCAM_MPP", "export_model", "build_card", "main"]
 
 logger = logging.getLogger(__name__)
 
-GRAPH_FILE, FP16_FILE, CARD_FILE = "model.onnx", "model.fp16.onnx", "card.json"
 # PCam patches: Camelyon16 slides scanned at 0.243 um/px (40x), undersampled 4x to 10x ("level 2").
 PCAM_MPP = 0.972
 PARITY_ATOL = 1e-4
@@ -89,50 +89,37 @@ def build_card(
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     command: str | None = None,
-) -> dict[str, Any]:
-    """The model card (the fields the service reads are flat: ``labels``, ``input``, ``group``,
-    ``mpp``, ``metrics``, ``opset``, ``sha256``, ``fp16_file``, ``fp16_sha256``, ``command``)."""
+) -> ModelCard:
+    """The typed model card of an exported version (:class:`gsa_contract.ModelCard`)."""
     cfg = model.config
     group = model.group
-    k, g = cfg.num_classes, group.order
-    outputs = {"logits": ["N", k], "probabilities": ["N", k], "orientation_responses": ["N", k, g]}
-    if export_info.get("features"):
-        outputs["features"] = ["N", model.num_features, g]
-    card = {
-        "name": name,
-        "version": version,
-        "task": "classification",
-        "labels": cfg.labels(),
-        "input": {
-            "name": "image", "dtype": "uint8", "layout": "NHWC", "shape": ["N", cfg.img_size, cfg.img_size, cfg.in_chans],
-            "height": cfg.img_size, "width": cfg.img_size, "channels": cfg.in_chans,
-            "preprocessing": "inside the graph: x / 255, then (x - mean) / std per channel",
-            "mean": list(cfg.mean), "std": list(cfg.std),
-        },
-        "outputs": outputs,
-        "group": {
-            "name": group.name, "order": g, "elements": group.describe(),
-            "grid_exact": group.grid_exact_elements(),
-            "convention": "element i = rotation by angle (counter-clockwise, degrees) after an up-down "
-                          "mirror when reflection; orientation_responses[..., i] follows this order",
-        },
-        "mpp": mpp,
-        "architecture": {"model": model.name, "config": _plain(dataclasses.asdict(cfg)),
-                         "parameters": sum(p.numel() for p in model.parameters())},
-        "training": training or {},
-        "metrics": metrics or {},
-        "opset": export_info["opset"],
-        "exporter": export_info["exporter"],
-        "versions": _versions(),
-        "export": {key: v for key, v in export_info.items() if key not in ("opset", "exporter")},
-        "files": {fname: {"sha256": _sha256(path), "bytes": path.stat().st_size} for fname, path in files.items()},
-        "sha256": _sha256(files[GRAPH_FILE]),
-        "fp16_file": FP16_FILE if FP16_FILE in files else None,
-        "fp16_sha256": _sha256(files[FP16_FILE]) if FP16_FILE in files else None,
-        "command": command if command is not None else " ".join(sys.argv),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    return card
+    return ModelCard(
+        name=name,
+        version=version,
+        labels=tuple(cfg.labels()),
+        input=InputSpec(cfg.img_size, cfg.img_size, cfg.in_chans, tuple(cfg.mean), tuple(cfg.std)),
+        group=GroupSpec(
+            group.name,
+            tuple(GroupElement(e["index"], e["angle"], e["reflection"]) for e in group.describe()),
+            tuple(group.grid_exact_elements()),
+        ),
+        sha256=_sha256(files[GRAPH_FILE]),
+        feature_dim=model.num_features if export_info.get("features") else None,
+        mpp=mpp,
+        architecture={"model": model.name, "config": _plain(dataclasses.asdict(cfg)),
+                      "parameters": sum(p.numel() for p in model.parameters())},
+        training=training or {},
+        metrics=metrics or {},
+        opset=export_info["opset"],
+        exporter=export_info["exporter"],
+        versions=_versions(),
+        export={key: v for key, v in export_info.items() if key not in ("opset", "exporter")},
+        files={fname: {"sha256": _sha256(path), "bytes": path.stat().st_size} for fname, path in files.items()},
+        fp16_file=FP16_FILE if FP16_FILE in files else None,
+        fp16_sha256=_sha256(files[FP16_FILE]) if FP16_FILE in files else None,
+        command=command if command is not None else " ".join(sys.argv),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
 def _fp16_parity(fp32: bytes, fp16: bytes, model: GSANet, seed: int = 1) -> dict[str, float]:
@@ -233,7 +220,7 @@ def export_model(
             files[FP16_FILE] = tmp / FP16_FILE
             files[FP16_FILE].write_bytes(fp16_bytes)
         card = build_card(model, name, version, files, info, mpp, training, metrics, command)
-        (tmp / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+        (tmp / CARD_FILE).write_text(card.to_json(), encoding="utf-8")
         os.chmod(tmp, 0o755)
         _replace_dir(tmp, final, force)
     except BaseException:

@@ -12,6 +12,7 @@ import onnx
 import torch
 import torch.nn as nn
 
+from gsa_contract import INPUT_NAME
 from training.export_graph import ExportParityError, ExportWrapper, _eval_mode, _sample_image
 from training.networks import GSANet
 
@@ -40,7 +41,7 @@ def run_onnx(proto_or_bytes: onnx.ModelProto | bytes, image: np.ndarray, threads
     opts.inter_op_num_threads = 1
     session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, {"image": image})))
+    return dict(zip(names, session.run(names, {INPUT_NAME: image})))
 
 
 def check_parity(

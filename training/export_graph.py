@@ -32,6 +32,8 @@ import onnx
 import torch
 import torch.nn as nn
 
+from gsa_contract import FEATURES, INPUT_NAME, REQUIRED_OUTPUTS
+
 from training.lifting import LiftingSelfAttention
 from training.networks import GSANet
 
@@ -39,7 +41,6 @@ __all__ = [
     "DEFAULT_OPSET",
     "CHUNK_BATCH",
     "CHUNK_SCORES",
-    "OUTPUT_NAMES",
     "ExportParityError",
     "ExportWrapper",
     "GraphResult",
@@ -60,7 +61,6 @@ DEFAULT_OPSET = 20
 # 2^26 -> 529 nodes, ~40 s, 8.7 s per batch, 1.7 GB peak.
 CHUNK_BATCH = 64
 CHUNK_SCORES = 1 << 26
-OUTPUT_NAMES = ("logits", "probabilities", "orientation_responses")
 
 
 class ExportParityError(RuntimeError):
@@ -78,7 +78,7 @@ class ExportWrapper(nn.Module):
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        return OUTPUT_NAMES + (("features",) if self.features else ())
+        return REQUIRED_OUTPUTS + ((FEATURES,) if self.features else ())
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = image.permute(0, 3, 1, 2).to(torch.float32) / 255.0  # N, C, H, W in [0, 1]
@@ -190,9 +190,9 @@ def _export_dynamo(wrapper: nn.Module, sample: torch.Tensor, opset: int, optimiz
             dynamo=True,
             optimize=False,
             opset_version=opset,
-            input_names=["image"],
+            input_names=[INPUT_NAME],
             output_names=list(wrapper.output_names),
-            dynamic_shapes={"image": {0: torch.export.Dim("N")}},
+            dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("N")}},
             verbose=False,
         )
     import onnx_ir as ir
@@ -224,8 +224,8 @@ def _export_torchscript(wrapper: ExportWrapper, sample: torch.Tensor, opset: int
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            wrapper, (sample,), buf, dynamo=False, opset_version=opset, input_names=["image"],
-            output_names=names, dynamic_axes={n: {0: "N"} for n in ["image", *names]},
+            wrapper, (sample,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+            output_names=names, dynamic_axes={n: {0: "N"} for n in [INPUT_NAME, *names]},
         )
     return onnx.load_from_string(buf.getvalue())
 

@@ -8,12 +8,10 @@ import zlib
 import numpy as np
 from fastapi import APIRouter, Request, Response
 
-from service.card import ModelCard
-from service.dependencies import ServerDep, SettingsDep, served_model
+from gsa_contract import INPUT_NAME, ModelCard
+from service.dependencies import LatestModelDep, ServerDep, SettingsDep, VersionModelDep
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from service.inference import INPUT_NAME
-from service.repository import ModelVersion
-from service.runtime import ModelServer
+from service.runtime import ModelServer, ServedModel
 from service.schemas import ErrorResponse
 from service.settings import Settings
 from service.tensors import InferRequest, RequestedOutput, classify, encode_infer_response, parse_infer_request
@@ -33,31 +31,30 @@ _DOC = {
 
 
 @router.post("/infer", **_DOC)
-async def infer(model_name: str, request: Request, server: ServerDep, settings: SettingsDep) -> Response:
+async def infer(model: LatestModelDep, request: Request, server: ServerDep, settings: SettingsDep) -> Response:
     """Run the model's default version on a KServe v2 inference request."""
-    return await _infer(request, server, settings, served_model(request, server, model_name, None))
+    return await _infer(request, server, settings, model)
 
 
 @router.post("/versions/{version}/infer", **_DOC)
-async def infer_version(model_name: str, version: str, request: Request, server: ServerDep, settings: SettingsDep) -> Response:
+async def infer_version(model: VersionModelDep, request: Request, server: ServerDep, settings: SettingsDep) -> Response:
     """Run one model version on a KServe v2 inference request."""
-    return await _infer(request, server, settings, served_model(request, server, model_name, version))
+    return await _infer(request, server, settings, model)
 
 
-async def _infer(request: Request, server: ModelServer, settings: Settings, mv: ModelVersion) -> Response:
+async def _infer(request: Request, server: ModelServer, settings: Settings, model: ServedModel) -> Response:
     body = _decompress(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
     header_length = request.headers.get(HEADER_LENGTH)
     if len(body) > _PARSE_INLINE_BYTES:
         req = await asyncio.to_thread(parse_infer_request, body, header_length)
     else:
         req = parse_infer_request(body, header_length)
-    card = mv.card
-    assert card is not None and mv.model is not None
+    card = model.card
     images = _image_input(req, card, settings.max_images_per_request)
-    outputs = await server.infer(mv, images)
+    outputs = await model.infer(images)
     selected = _select_outputs(req, outputs, card)
-    content, json_length = encode_infer_response(mv.name, mv.version, req.id, selected)
-    server.metrics.inference_requests.labels(mv.name, mv.version, "success").inc()
+    content, json_length = encode_infer_response(model.name, model.version, req.id, selected)
+    server.metrics.inference_requests.labels(model.name, model.version, "success").inc()
     if json_length is None:
         return Response(content, media_type="application/json")
     return Response(content, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(json_length)})

@@ -66,12 +66,26 @@ def _check_options(settings: Settings, kind: str, options: dict[str, Any]) -> di
     return options
 
 
-def _check_model(server, kind: str, name: str, version: str | None) -> None:
-    """Unknown models are 404 now; a slide job for a loaded model without mpp is 400 now."""
-    mv = server.repository.find(name, version)
+def _check_model(server, kind: str, name: str, version: str | None, options: dict[str, Any]) -> None:
+    """Unknown models are 404 now; a slide job for a model without mpp, or embeddings from a model
+    without features, are 400 now."""
+    mv = server.find(name, version)
     if kind == "slide" and mv.card is not None and mv.card.mpp is None:
         raise BadRequest(f"model '{mv.name}' version '{mv.version}' has no resolution ('mpp') in its card, so slides "
                          "cannot be tiled at its scale; use a pathology model exported with --mpp")
+    if options.get("embeddings", "none") != "none" and mv.card is not None and mv.card.feature_dim is None:
+        raise BadRequest(f"model '{mv.name}' version '{mv.version}' was exported without features: no embeddings "
+                         "to write; export it with --features or leave the option out")
+
+
+def _model_name(server, model: str | None) -> str:
+    """The named model, or the best pathology model (RGB, with an mpp; highest validation accuracy)."""
+    if model:
+        return model
+    best = server.best_pathology_model()
+    if best is None:
+        raise BadRequest("name the model (no pathology model, RGB with an 'mpp' in its card, is served to default to)")
+    return best
 
 
 async def _save_upload(request: Request, dest: Path, limit: int) -> None:
@@ -97,28 +111,29 @@ async def _submit(request: Request, server, settings: Settings, kind: str, model
     if media_type == "application/json":
         try:
             body = json.loads(await request.body())
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for a body that is not UTF-8
             raise BadRequest(f"request body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict) or not isinstance(body.get("model"), str) or not isinstance(body.get("path"), str):
-            raise BadRequest('expected {"model": "...", "path": "...", "version": optional, "options": {...}}')
+        if (not isinstance(body, dict) or not isinstance(body.get("model", ""), str)
+                or not isinstance(body.get("path"), str)):
+            raise BadRequest('expected {"path": "...", "model": optional, "version": optional, "options": {...}}')
         opts = body.get("options") or {}
         if not isinstance(opts, dict):
             raise BadRequest("'options' must be an object")
-        _check_model(server, kind, body["model"], body.get("version"))
+        name = _model_name(server, body.get("model"))
+        _check_model(server, kind, name, body.get("version"), opts)
         path = resolve_data_path(settings, body["path"])
         opts = _check_options(settings, kind, opts)
-        job = jobs.submit(kind, body["model"], body.get("version"), path, False, opts)
+        job = jobs.submit(kind, name, body.get("version"), path, False, opts)
     elif media_type in ("application/octet-stream", "image/tiff", "image/png", "image/jpeg", "application/x-hdf5",
                         "application/x-hdf"):
-        if not model:
-            raise BadRequest("uploads name the model in the query: ?model=NAME[&version=V][&filename=F][&options=JSON]")
+        model = _model_name(server, model)
         try:
             opts = json.loads(options) if options else {}
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:
             raise BadRequest(f"'options' is not valid JSON: {exc}") from None
         if not isinstance(opts, dict):
             raise BadRequest("'options' must be a JSON object")
-        _check_model(server, kind, model, version)
+        _check_model(server, kind, model, version, opts)
         opts = _check_options(settings, kind, opts)
         job_id = jobs.new_id()
         name = _SAFE_NAME.sub("_", Path(filename or "upload").name).strip("._") or "upload"
@@ -135,7 +150,7 @@ async def _submit(request: Request, server, settings: Settings, kind: str, model
     return JSONResponse(job_view(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
-ModelQuery = Query(None, description="model name (uploads)")
+ModelQuery = Query(None, description="model name (uploads; default: the best pathology model served)")
 VersionQuery = Query(None, description="model version (uploads; default the newest)")
 FilenameQuery = Query(None, description="name of the uploaded file (its extension tells the format)")
 OptionsQuery = Query(None, description="scoring options as a JSON object (uploads)")

@@ -12,7 +12,7 @@ router = APIRouter(tags=["metrics"])
 async def metrics(request: Request) -> Response:
     """Prometheus metrics of the service and every model version."""
     server = request.app.state.server
-    for mv in server.repository.all():
-        if mv.runtime is not None:
-            server.metrics.queue_depth.labels(mv.name, mv.version).set(mv.runtime.queue_depth)
+    for mv in server.all():
+        if mv.served is not None:
+            server.metrics.queue_depth.labels(mv.name, mv.version).set(mv.served.batcher.queue_depth)
     return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -6,8 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from service.dependencies import ServerDep
-from service.repository import ModelVersion
-from service.runtime import ModelServer
+from service.runtime import ModelServer, ModelVersion
 from service.schemas import ErrorResponse, ModelMetadata
 
 router = APIRouter(tags=["models"])
@@ -15,8 +14,8 @@ _ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}}
 
 
 def _metadata(server: ModelServer, mv: ModelVersion) -> ModelMetadata:
-    versions = list(server.repository.versions[mv.name])
-    card, model = mv.card, mv.model
+    versions = list(server.versions[mv.name])
+    card, model = mv.card, mv.served.session if mv.served is not None else None
     inputs = [model.input.as_dict()] if model else []
     outputs = [o.as_dict() for o in model.outputs] if model else []
     group = None
@@ -24,8 +23,8 @@ def _metadata(server: ModelServer, mv: ModelVersion) -> ModelMetadata:
         group = {"name": card.group_name, "order": card.group_order, "elements": [e.as_dict() for e in card.elements]}
     return ModelMetadata(
         name=mv.name, versions=versions, platform="onnxruntime_onnx", inputs=inputs, outputs=outputs,
-        state=mv.state.value, reason=mv.reason, execution_providers=model.providers if model else [],
-        labels=list(card.labels) if card else [], group=group, card=card.raw if card else None,
+        state=mv.state.value, reason=mv.reason, execution_providers=mv.providers,
+        labels=list(card.labels) if card else [], group=group, card=card.to_dict() if card else None,
     )
 
 
@@ -36,19 +35,19 @@ def _stats(server: ModelServer, versions: list[ModelVersion]) -> dict:
 @router.get("/v2/models/stats")
 async def all_stats(server: ServerDep) -> dict:
     """Inference statistics of every served model version (Triton's shape)."""
-    return _stats(server, server.repository.all())
+    return _stats(server, server.all())
 
 
 @router.get("/v2/models/{model_name}", response_model=ModelMetadata, responses=_ERRORS)
 async def model_metadata(model_name: str, server: ServerDep) -> ModelMetadata:
     """Metadata of a model's default (newest ready) version."""
-    return _metadata(server, server.repository.find(model_name))
+    return _metadata(server, server.find(model_name))
 
 
 @router.get("/v2/models/{model_name}/versions/{version}", response_model=ModelMetadata, responses=_ERRORS)
 async def model_version_metadata(model_name: str, version: str, server: ServerDep) -> ModelMetadata:
     """Metadata of one model version."""
-    return _metadata(server, server.repository.find(model_name, version))
+    return _metadata(server, server.find(model_name, version))
 
 
 def _ready(mv: ModelVersion) -> JSONResponse:
@@ -65,26 +64,26 @@ def _ready(mv: ModelVersion) -> JSONResponse:
 @router.get("/v2/models/{model_name}/ready", responses=_ERRORS)
 async def model_ready(model_name: str, server: ServerDep) -> JSONResponse:
     """Whether the model's default version is ready (200) or not (400)."""
-    return _ready(server.repository.find(model_name))
+    return _ready(server.find(model_name))
 
 
 @router.get("/v2/models/{model_name}/versions/{version}/ready", responses=_ERRORS)
 async def model_version_ready(model_name: str, version: str, server: ServerDep) -> JSONResponse:
     """Whether one model version is ready (200) or not (400)."""
-    return _ready(server.repository.find(model_name, version))
+    return _ready(server.find(model_name, version))
 
 
 @router.get("/v2/models/{model_name}/stats", responses=_ERRORS)
 async def model_stats(model_name: str, server: ServerDep) -> dict:
     """Inference statistics of every version of a model (Triton's shape)."""
-    server.repository.find(model_name)
-    return _stats(server, list(server.repository.versions[model_name].values()))
+    server.find(model_name)
+    return _stats(server, list(server.versions[model_name].values()))
 
 
 @router.get("/v2/models/{model_name}/versions/{version}/stats", responses=_ERRORS)
 async def model_version_stats(model_name: str, version: str, server: ServerDep) -> dict:
     """Inference statistics of one model version (Triton's shape)."""
-    return _stats(server, [server.repository.find(model_name, version)])
+    return _stats(server, [server.find(model_name, version)])
 
 
 @router.post("/v2/repository/index")
@@ -92,7 +91,7 @@ async def repository_index(server: ServerDep) -> list[dict]:
     """Every model version in the repository with its state and, when broken, the reason."""
     return [
         {"name": mv.name, "version": mv.version, "state": mv.state.value, "reason": mv.reason}
-        for mv in server.repository.all()
+        for mv in server.all()
     ]
 
 
@@ -100,8 +99,8 @@ async def repository_index(server: ServerDep) -> list[dict]:
 async def list_models(server: ServerDep) -> dict:
     """Every model with its versions, default version, labels and state."""
     out = []
-    for name, versions in server.repository.versions.items():
-        default = server.repository.default(name)
+    for name, versions in server.versions.items():
+        default = server.default(name)
         out.append({
             "name": name,
             "default_version": default.version if default.ready else None,

@@ -14,12 +14,11 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from service.card import ModelCard
-from service.dependencies import ServerDep, SettingsDep, served_model
+from gsa_contract import FEATURES, ModelCard
+from service.dependencies import LatestModelDep, ServerDep, SettingsDep, VersionModelDep
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from service.images import IMAGE_MEDIA_TYPES, ImageLimits, decode_image, to_model_input
-from service.repository import ModelVersion
-from service.runtime import ModelServer
+from service.runtime import ModelServer, ServedModel
 from service.schemas import Base64Images, ErrorResponse, PredictResponse
 from service.settings import Settings
 
@@ -39,33 +38,36 @@ _DOC = {
 _DECODE_INLINE_BYTES = 256 * 1024  # larger uploads are decoded in a thread, off the event loop
 ResizeQuery = Query(False, description="resize images of another size to the model's input (bilinear)")
 ConvertQuery = Query(False, description="convert RGB to greyscale for greyscale models")
+FeaturesQuery = Query(False, description="also return the per-orientation features [D, |H|] and their invariant mean [D] "
+                                         "(models exported with features)")
 
 
 @router.post("/predict", **_DOC)
 async def predict(
-    model_name: str, request: Request, server: ServerDep, settings: SettingsDep,
-    resize: bool = ResizeQuery, convert: bool = ConvertQuery,
+    model: LatestModelDep, request: Request, server: ServerDep, settings: SettingsDep,
+    resize: bool = ResizeQuery, convert: bool = ConvertQuery, features: bool = FeaturesQuery,
 ) -> JSONResponse:
     """Classify one or many images with the model's default version."""
-    mv = served_model(request, server, model_name, None)
-    return await _predict(request, server, settings, mv, resize, convert)
+    return await _predict(request, server, settings, model, resize, convert, features)
 
 
 @router.post("/versions/{version}/predict", **_DOC)
 async def predict_version(
-    model_name: str, version: str, request: Request, server: ServerDep, settings: SettingsDep,
-    resize: bool = ResizeQuery, convert: bool = ConvertQuery,
+    model: VersionModelDep, request: Request, server: ServerDep, settings: SettingsDep,
+    resize: bool = ResizeQuery, convert: bool = ConvertQuery, features: bool = FeaturesQuery,
 ) -> JSONResponse:
     """Classify one or many images with one model version."""
-    mv = served_model(request, server, model_name, version)
-    return await _predict(request, server, settings, mv, resize, convert)
+    return await _predict(request, server, settings, model, resize, convert, features)
 
 
 async def _predict(
-    request: Request, server: ModelServer, settings: Settings, mv: ModelVersion, resize: bool, convert: bool
+    request: Request, server: ModelServer, settings: Settings, model: ServedModel, resize: bool, convert: bool,
+    features: bool = False,
 ) -> JSONResponse:
-    card = mv.card
-    assert card is not None
+    card = model.card
+    if features and card.feature_dim is None:
+        raise BadRequest(f"model '{card.name}' version '{card.version}' was exported without features; "
+                         "export it with --features or leave features out")
     uploads = await _read_images(request, settings)
     limits = ImageLimits(settings.max_image_pixels, settings.max_image_side)
 
@@ -79,12 +81,12 @@ async def _predict(
         images = await asyncio.to_thread(prepare)
     else:
         images = prepare()  # small images decode faster than a hop to a thread
-    outputs = await server.infer(mv, images)
-    server.metrics.inference_requests.labels(mv.name, mv.version, "success").inc()
+    outputs = await model.infer(images)
+    server.metrics.inference_requests.labels(model.name, model.version, "success").inc()
     # built as plain JSON: the response model documents it, re-validating every number would only cost time
     return JSONResponse({
-        "model_name": mv.name, "model_version": mv.version,
-        "predictions": [_prediction(i, name, card, outputs) for i, (name, _) in enumerate(uploads)],
+        "model_name": model.name, "model_version": model.version,
+        "predictions": [_prediction(i, name, card, outputs, features) for i, (name, _) in enumerate(uploads)],
     })
 
 
@@ -119,11 +121,11 @@ async def _read_images(request: Request, settings: Settings) -> list[tuple[str |
 def _base64_images(body: bytes) -> list[tuple[str | None, bytes]]:
     try:
         doc = Base64Images.model_validate(json.loads(body))
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
-    except ValidationError as exc:
+    except ValidationError as exc:  # a ValueError too: caught first
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
         raise BadRequest(f"request body does not match {{\"images\": [base64, ...]}}: {problems}") from None
+    except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for a body that is not UTF-8
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
     names = doc.filenames or [None] * len(doc.images)
     if len(names) != len(doc.images):
         raise BadRequest(f"{len(names)} filenames for {len(doc.images)} images")
@@ -138,7 +140,7 @@ def _base64_images(body: bytes) -> list[tuple[str | None, bytes]]:
     return out
 
 
-def _prediction(i: int, name: str | None, card: ModelCard, outputs: dict[str, np.ndarray]) -> dict:
+def _prediction(i: int, name: str | None, card: ModelCard, outputs: dict[str, np.ndarray], features: bool = False) -> dict:
     """One image's answer, shaped as :class:`ImagePrediction`."""
     probs = outputs["probabilities"][i].tolist()
     responses = outputs["orientation_responses"][i]  # K, G
@@ -158,4 +160,10 @@ def _prediction(i: int, name: str | None, card: ModelCard, outputs: dict[str, np
         },
         "dominant_orientation": card.elements[g].angle,
         "dominant_element": elements[g],
+        **({"features": _features(outputs[FEATURES][i])} if features else {}),
     }
+
+
+def _features(per_element: np.ndarray) -> dict:
+    """``[D, G]`` features of one image and their mean over the group axis (invariant)."""
+    return {"invariant": per_element.mean(axis=1).tolist(), "per_element": per_element.tolist()}

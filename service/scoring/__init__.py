@@ -6,6 +6,6 @@ of pixels at a time, and never reads a slide's level 0 whole. The CLI (``python 
 and the service's jobs (:mod:`service.jobs`) both drive it.
 """
 
-from service.scoring.errors import Cancelled, ScoringError
+from service.scoring.scoring_errors import Cancelled, ScoringError
 
 __all__ = ["Cancelled", "ScoringError"]

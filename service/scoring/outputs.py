@@ -15,7 +15,8 @@ from typing import IO, Iterator
 import numpy as np
 from PIL import Image
 
-__all__ = ["atomic_open", "write_json", "GeoJSONWriter", "heatmap_png", "label_colour"]
+__all__ = ["atomic_open", "write_json", "write_npy", "write_embeddings", "EMBEDDINGS_FILE", "EMBEDDING_MODES",
+           "GeoJSONWriter", "heatmap_png", "label_colour"]
 
 # QuPath's default-like class colours (RGB), by label index
 _COLOURS = [(64, 160, 64), (200, 0, 0), (0, 90, 200), (230, 160, 0), (150, 0, 150), (0, 160, 160)]
@@ -46,6 +47,34 @@ def write_json(path: Path, data: dict) -> None:
 def write_npy(path: Path, array: np.ndarray) -> None:
     with atomic_open(path, "wb") as f:
         np.save(f, array)
+
+
+EMBEDDINGS_FILE = "embeddings.h5"
+EMBEDDING_MODES = ("none", "invariant", "full")
+
+
+def write_embeddings(path: Path, features: np.ndarray, keys: dict[str, np.ndarray], mode: str,
+                     attrs: dict[str, object]) -> None:
+    """Per-item embeddings as HDF5, the layout slide-level (multiple-instance) pipelines read:
+    ``features`` ``[n, D]`` (the orientation-pooled, invariant mean over the group axis), with
+    ``mode`` "full" also ``features_per_element`` ``[n, D, G]``, and one dataset per key (tile
+    ``coords`` ``[n, 2]`` at level 0, patch ``ids``); ``attrs`` on the file (model, group, mpp)."""
+    import h5py
+
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("features", data=features.mean(axis=2), compression="gzip", compression_opts=4)
+            if mode == "full":
+                f.create_dataset("features_per_element", data=features, compression="gzip", compression_opts=4)
+            for name, values in keys.items():
+                f.create_dataset(name, data=values)
+            for name, value in attrs.items():
+                f.attrs[name] = value if not isinstance(value, (dict, list)) else json.dumps(value)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 class GeoJSONWriter:

@@ -9,14 +9,14 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, NamedTuple, Protocol, Sequence, TypeVar
 
 import numpy as np
 
-from service.card import ModelCard
-from service.scoring.errors import Cancelled
+from gsa_contract import FEATURES, ORIENTATION_RESPONSES, PROBABILITIES, ModelCard
+from service.scoring.scoring_errors import BadParameter, Cancelled
 
-__all__ = ["ScoringModel", "PipelineStats", "run_pipeline", "batched", "score_items"]
+__all__ = ["ScoringModel", "PipelineStats", "Scores", "run_pipeline", "batched", "score_items"]
 
 Spec = TypeVar("Spec")
 
@@ -102,6 +102,15 @@ def run_pipeline(
     return stats
 
 
+class Scores(NamedTuple):
+    """What :func:`score_items` returns."""
+
+    probabilities: np.ndarray  # n, K
+    orientation: np.ndarray  # n: the group element where the predicted class responds most
+    stats: PipelineStats
+    features: np.ndarray | None  # n, D, G (float32) when asked for, else None
+
+
 def score_items(
     model: ScoringModel,
     n: int,
@@ -112,18 +121,28 @@ def score_items(
     prefetch: int = 4,
     cancel: threading.Event | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[np.ndarray, np.ndarray, PipelineStats]:
+    features: bool = False,
+) -> Scores:
     """Score items ``0 .. n-1`` in batches of ``batch_size`` (``load(range)`` gives their pixels):
-    probabilities ``[n, K]`` and, per item, the group element with the strongest response of the
-    predicted class ``[n]``. ``progress(done, n)`` after every batch (and once with 0)."""
+    probabilities ``[n, K]``, per item the group element with the strongest response of the
+    predicted class ``[n]``, and with ``features`` the model's ``[n, D, G]`` features (the model
+    must output them). ``progress(done, n)`` after every batch (and once with 0)."""
     probs = np.full((n, model.card.num_classes), np.nan, np.float32)
     orient = np.zeros(n, np.int16)
+    feats = None
+    if features:
+        if model.card.feature_dim is None:
+            raise BadParameter(f"model '{model.card.name}' version '{model.card.version}' was exported without "
+                               "features: no embeddings to write")
+        feats = np.full((n, model.card.feature_dim, model.card.group_order), np.nan, np.float32)
     done = 0
 
     def consume(idx: range, outputs: dict[str, np.ndarray]) -> None:
-        p = outputs["probabilities"]
+        p = outputs[PROBABILITIES]
         probs[idx.start:idx.stop] = p
-        orient[idx.start:idx.stop] = outputs["orientation_responses"][np.arange(len(p)), p.argmax(1)].argmax(-1)
+        orient[idx.start:idx.stop] = outputs[ORIENTATION_RESPONSES][np.arange(len(p)), p.argmax(1)].argmax(-1)
+        if feats is not None:
+            feats[idx.start:idx.stop] = outputs[FEATURES]
 
     def step(count: int) -> None:
         nonlocal done
@@ -135,4 +154,4 @@ def score_items(
         progress(0, n)
     stats = run_pipeline(model, batched(range(n), batch_size), load, consume, readers=readers,
                          prefetch=prefetch, cancel=cancel, progress=step)
-    return probs, orient, stats
+    return Scores(probs, orient, stats, feats)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from service.scoring.errors import BadParameter, NoResolution
+from service.scoring.scoring_errors import BadParameter, NoResolution
 
 __all__ = ["TilePlan", "plan_tiles"]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from service.scoring.slide import Slide
+from service.scoring.slide_reader import Slide
 
 __all__ = ["TissueMask", "detect_tissue", "otsu_threshold", "saturation"]
 

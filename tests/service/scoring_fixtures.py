@@ -37,7 +37,7 @@ def export_path_model(root: Path) -> Path:
     net = model_from_config("gsa_test_path_r4", cfg).eval()
     with torch.no_grad():  # the readout sums over positions: shrink the head so probabilities are not all 0 or 1
         net.head.weight.mul_(0.02)
-    export_model(net, root, PATH_MODEL, "1", mpp=MODEL_MPP, command="tests/service/scoring_fixtures.py")
+    export_model(net, root, PATH_MODEL, "1", mpp=MODEL_MPP, features=True, command="tests/service/scoring_fixtures.py")
     return root / PATH_MODEL / "1"
 
 

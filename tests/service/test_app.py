@@ -104,7 +104,7 @@ def test_per_model_batching_settings(app_client):
     from service.settings import BatchingOverride
 
     c = app_client(model_batching={TINY: BatchingOverride(enabled=False, max_queue_size=5)})
-    batcher = c.app.state.server.repository.get(TINY).runtime
+    batcher = c.app.state.server.get(TINY).batcher
     assert not batcher.config.enabled and batcher.config.max_queue_size == 5
     assert batcher.config.max_batch_size == 16  # the global value, not overridden
 
@@ -167,16 +167,16 @@ def test_not_ready_while_models_load(model_repo, monkeypatch):
     from fastapi.testclient import TestClient
 
     from service.app import create_app
-    from service.repository import ModelRepository
+    import service.runtime as runtime
 
     gate = threading.Event()
-    real = ModelRepository.load
+    real = runtime.open_session
 
-    def slow_load(self, mv, settings):
+    def slow_open(entry, settings):
         gate.wait(10)
-        return real(self, mv, settings)
+        return real(entry, settings)
 
-    monkeypatch.setattr(ModelRepository, "load", slow_load)
+    monkeypatch.setattr(runtime, "open_session", slow_open)
     with TestClient(create_app(make_settings(model_repo))) as c:
         assert c.get("/v2/health/live").status_code == 200
         r = c.get("/v2/health/ready")
@@ -193,7 +193,7 @@ def test_not_ready_while_models_load(model_repo, monkeypatch):
 def test_graceful_shutdown_finishes_in_flight_requests(model_repo):
     server = LiveServer(make_settings(model_repo)).__enter__()
     try:
-        batcher = server.app.state.server.repository.get(TINY).runtime
+        batcher = server.app.state.server.get(TINY).batcher
         real = batcher._run
         batcher._run = lambda images: (time.sleep(0.5), real(images))[1]
         result = {}
@@ -210,7 +210,7 @@ def test_graceful_shutdown_finishes_in_flight_requests(model_repo):
     finally:
         server.__exit__(None, None, None)
     assert not server.thread.is_alive()
-    assert server.app.state.server.repository.find(TINY).state.value == "UNLOADED"
+    assert server.app.state.server.find(TINY).state.value == "UNLOADED"
 
 
 def test_python_m_service(model_repo):
@@ -245,3 +245,14 @@ def test_service_imports_neither_torch_nor_training():
     code = "import sys, service.app, service.__main__; bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'training')]; print(bad); sys.exit(1 if bad else 0)"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("path", [f"/v1/models/{TINY}/predict", "/v1/jobs/slides", "/v1/jobs/patches"])
+def test_non_utf8_json_is_a_400_on_a_connection_that_stays_usable(live_server, path):
+    """A JSON body that is not UTF-8 is a client error that says so, and the kept-alive connection
+    answers the next request (before: 500 UnicodeDecodeError, then a reset connection)."""
+    with httpx.Client(base_url=live_server.url, timeout=30) as client:
+        r = client.post(path, content=b'{"model": "\xff\xfe"}', headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"], r.text
+        ok = client.post(f"/v1/models/{TINY}/predict", content=_png(), headers={"content-type": "image/png"})
+        assert ok.status_code == 200, ok.text

@@ -194,7 +194,7 @@ def test_close_finishes_queued_requests_then_refuses_new_ones():
 # ---- over HTTP, with the real model -------------------------------------------------------
 def _slow_down(server, seconds: float) -> None:
     """Make every session run of the default tiny version take ``seconds`` longer."""
-    batcher = server.app.state.server.repository.get(TINY).runtime
+    batcher = server.app.state.server.get(TINY).batcher
     real = batcher._run
 
     def slow(images):

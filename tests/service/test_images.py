@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.card import ModelCard
+from gsa_contract import ModelCard
 from service.errors import PayloadTooLarge, Unprocessable, UnsupportedMediaType
 from service.images import ImageLimits, decode_image, to_model_input
 

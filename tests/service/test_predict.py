@@ -181,3 +181,38 @@ def test_too_many_images(model_repo, app_client):
     files = [("files", (f"{i}.png", _encode(_digit(i)), "image/png")) for i in range(3)]
     r = c.post(f"/v1/models/{TINY}/predict", files=files)
     assert r.status_code == 413 and "limit is 2" in r.json()["error"]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_features_follow_the_rotation(client, k):
+    """``?features=true``: the per-element features [D, |H|] of a quarter-turned image are the
+    upright image's with the group axis rolled by k, and their mean over the axis is invariant."""
+    img = _digit(5)
+    files = [("files", ("a.png", _encode(img), "image/png")), ("files", ("b.png", _encode(np.rot90(img, k).copy()), "image/png"))]
+    r = client.post(f"/v1/models/{TINY}/predict?features=true", files=files)
+    assert r.status_code == 200, r.text
+    up, turned = (p["features"] for p in r.json()["predictions"])
+    per_up, per_turned = np.array(up["per_element"]), np.array(turned["per_element"])
+    assert per_up.shape[1] == 4 and per_up.shape == per_turned.shape
+    np.testing.assert_allclose(per_turned, np.roll(per_up, k, axis=1), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(per_up, np.roll(per_up, k, axis=1), atol=1e-3)  # the roll is visible
+    np.testing.assert_allclose(up["invariant"], per_up.mean(axis=1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(turned["invariant"], up["invariant"], rtol=1e-4, atol=1e-4)
+    plain = client.post(f"/v1/models/{TINY}/predict", content=_encode(img), headers={"content-type": "image/png"})
+    assert "features" not in plain.json()["predictions"][0] or plain.json()["predictions"][0]["features"] is None
+
+
+def test_features_of_a_model_exported_without_them(app_client, tmp_path):
+    """The committed RotMNIST graphs have no features output: asking for them is a 400 that says so."""
+    import shutil
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[2] / "models" / "rotmnist-z2" / "3"
+    shutil.copytree(src, tmp_path / "rotmnist-z2" / "3")
+    c = app_client(model_dir=tmp_path)
+    digit = np.zeros((28, 28), np.uint8)
+    digit[6:22, 12:16] = 255
+    r = c.post("/v1/models/rotmnist-z2/predict?features=true", content=_encode(digit), headers={"content-type": "image/png"})
+    assert r.status_code == 400 and "without features" in r.json()["error"], r.text
+    r = c.post("/v1/models/rotmnist-z2/predict", content=_encode(digit), headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text

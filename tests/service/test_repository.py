@@ -1,16 +1,21 @@
-"""The model repository: what is served, what is refused and why, and which version is default."""
+"""The model repository (what is valid and why not) and the model server on top of it (what is
+served, what is refused, which version is default)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
+from typing import Callable
 
 import pytest
 
 from conftest import TINY, _copy_version, make_settings
-from service.card import CardError, ModelCard
-from service.repository import ModelRepository, ModelState, version_key
+from gsa_contract import CardError, ModelCard
 from service.errors import ModelNotReady, NotFound
+from service.metrics import ServiceMetrics
+from service.repository import ModelRepository, version_key
+from service.runtime import ModelServer, ModelState
 
 
 def test_version_order():
@@ -18,15 +23,24 @@ def test_version_order():
     assert sorted(versions, key=version_key) == ["1", "1.2.0", "1.10.0", "2", "10", "beta"]
 
 
-def _repo(tmp_path, tiny_model_dir, versions: dict[str, dict]):
+def _with_server(root, check: Callable[[ModelServer], None], **overrides) -> None:
+    """Start a model server on ``root``, wait until it has loaded everything, run ``check`` on it."""
+    async def main() -> None:
+        server = ModelServer(make_settings(root, warmup=False, **overrides), ServiceMetrics())
+        server.start()
+        await asyncio.wait_for(server.loaded.wait(), 60)
+        try:
+            check(server)
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+
+
+def _copies(tmp_path, tiny_model_dir, versions: dict[str, dict]):
     for version, changes in versions.items():
         _copy_version(tiny_model_dir, tmp_path / TINY / version, TINY, version, changes)
-    repo = ModelRepository(tmp_path)
-    settings = make_settings(tmp_path, warmup=False)
-    for mv in repo.scan():
-        if repo.load(mv, settings):
-            mv.state = ModelState.READY  # what the server does once it serves it
-    return repo
+    return tmp_path
 
 
 def _card(tiny_model_dir) -> dict:
@@ -37,7 +51,7 @@ def _card(tiny_model_dir) -> dict:
     "changes, words",
     [
         ({"sha256": "f" * 64}, "sha256 of model.onnx"),
-        ({"labels": ["a", "b"]}, "card implies [N, 2]"),
+        ({"labels": ["a", "b"]}, "labels and group imply ['N', 2]"),
         ({"labels": ["a"] * 10}, "duplicates"),
         ({"input": {"height": 20, "width": 20, "channels": 1}}, "card says UINT8 [-1, 20, 20, 1]"),
         ({"group": {"name": "R8", "order": 8, "elements": [{"index": i, "angle": 45.0 * i, "reflection": False} for i in range(8)]}},
@@ -48,14 +62,16 @@ def _card(tiny_model_dir) -> dict:
     ],
 )
 def test_broken_versions_are_reported_and_the_good_one_is_default(tmp_path, tiny_model_dir, changes, words):
-    repo = _repo(tmp_path, tiny_model_dir, {"1": {}, "2": changes})
-    broken = repo.find(TINY, "2")
-    assert broken.state is ModelState.FAILED and words in broken.reason, broken.reason
-    assert broken.model is None
-    assert repo.get(TINY).version == "1"  # newest *ready* version
-    with pytest.raises(ModelNotReady) as err:
-        repo.get(TINY, "2")
-    assert words in err.value.message
+    def check(server: ModelServer) -> None:
+        broken = server.find(TINY, "2")
+        assert broken.state is ModelState.FAILED and words in broken.reason, broken.reason
+        assert broken.served is None
+        assert server.get(TINY).version == "1"  # newest *ready* version
+        with pytest.raises(ModelNotReady) as err:
+            server.get(TINY, "2")
+        assert words in err.value.message
+
+    _with_server(_copies(tmp_path, tiny_model_dir, {"1": {}, "2": changes}), check)
 
 
 def test_missing_and_unparsable_files(tmp_path, tiny_model_dir):
@@ -67,14 +83,19 @@ def test_missing_and_unparsable_files(tmp_path, tiny_model_dir):
     (repo_dir / TINY / "3" / "card.json").write_text("{ nope")
     (repo_dir / ".hidden").mkdir()
     (repo_dir / "README.md").write_text("not a model")
-    repo = ModelRepository(repo_dir)
-    settings = make_settings(repo_dir, warmup=False)
-    for mv in repo.scan():
-        repo.load(mv, settings)
-    assert list(repo.versions) == [TINY]
-    assert "model.onnx is missing" in repo.find(TINY, "2").reason
-    assert "not valid JSON" in repo.find(TINY, "3").reason
-    assert repo.find(TINY, "1").model is not None
+    entries = {e.version: e for e in ModelRepository(repo_dir).scan()}
+    assert sorted(entries) == ["1", "2", "3"] and {e.name for e in entries.values()} == {TINY}
+    assert "model.onnx is missing" in entries["2"].error and entries["2"].card is None
+    assert "not valid JSON" in entries["3"].error
+    assert entries["1"].valid and entries["1"].card.version == "1"
+
+    def check(server: ModelServer) -> None:
+        assert list(server.versions) == [TINY]
+        assert "model.onnx is missing" in server.find(TINY, "2").reason
+        assert server.find(TINY, "3").state is ModelState.FAILED
+        assert server.get(TINY, "1").session is not None
+
+    _with_server(repo_dir, check)
 
 
 def test_corrupt_graph_with_matching_checksum(tmp_path, tiny_model_dir):
@@ -85,18 +106,35 @@ def test_corrupt_graph_with_matching_checksum(tmp_path, tiny_model_dir):
     card = json.loads((folder / "card.json").read_text())
     card["sha256"] = hashlib.sha256(b"not onnx").hexdigest()
     (folder / "card.json").write_text(json.dumps(card))
-    repo = ModelRepository(tmp_path)
-    mv = repo.scan()[0]
-    assert not repo.load(mv, make_settings(tmp_path))
-    assert mv.state is ModelState.FAILED and mv.reason
+    (entry,) = ModelRepository(tmp_path).scan()
+    assert entry.valid  # the checksum matches: only loading finds out
+
+    def check(server: ModelServer) -> None:
+        mv = server.find(TINY, "1")
+        assert mv.state is ModelState.FAILED and mv.reason
+
+    _with_server(tmp_path, check)
 
 
 def test_unknown_names(tmp_path, tiny_model_dir):
-    repo = _repo(tmp_path, tiny_model_dir, {"1": {}})
-    with pytest.raises(NotFound, match="unknown model 'x'"):
-        repo.get("x")
-    with pytest.raises(NotFound, match="no version '7'"):
-        repo.get(TINY, "7")
+    def check(server: ModelServer) -> None:
+        with pytest.raises(NotFound, match="unknown model 'x'"):
+            server.get("x")
+        with pytest.raises(NotFound, match="no version '7'"):
+            server.get(TINY, "7")
+
+    _with_server(_copies(tmp_path, tiny_model_dir, {"1": {}}), check)
+
+
+def test_committed_cards_round_trip():
+    """Every committed card reads into the typed card and writes back as the same JSON."""
+    from pathlib import Path
+
+    cards = sorted((Path(__file__).resolve().parents[2] / "models").glob("*/*/card.json"))
+    assert cards
+    for path in cards:
+        data = json.loads(path.read_text())
+        assert ModelCard.from_dict(data).to_dict() == data, path
 
 
 @pytest.mark.parametrize("drop", ["name", "labels", "input", "group", "sha256"])
@@ -160,7 +198,7 @@ def test_strict_readiness(model_repo):
 def test_graph_choice_follows_the_device(tmp_path, tiny_model_dir, monkeypatch, cuda, overrides, served):
     import hashlib
 
-    import service.repository as repository
+    import service.runtime as runtime
 
     version = _copy_version(tiny_model_dir, tmp_path / TINY / "1", TINY, "1")
     fp16 = version / "model.fp16.onnx"  # the choice is what is tested: a copy of the fp32 graph will do
@@ -169,12 +207,10 @@ def test_graph_choice_follows_the_device(tmp_path, tiny_model_dir, monkeypatch, 
     card.update(fp16_file=fp16.name, fp16_sha256=hashlib.sha256(fp16.read_bytes()).hexdigest())
     (version / "card.json").write_text(json.dumps(card))
     available = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-    monkeypatch.setattr(repository, "_available_providers", lambda: available)
-    repo = ModelRepository(tmp_path)
-    settings = make_settings(tmp_path, warmup=False, **overrides)
-    (mv,) = repo.scan()
-    assert repo.load(mv, settings), mv.reason
-    assert mv.model.path.name == served
+    monkeypatch.setattr(runtime.ort, "get_available_providers", lambda: available)
+    (entry,) = ModelRepository(tmp_path).scan()
+    session = runtime.open_session(entry, make_settings(tmp_path, warmup=False, **overrides))
+    assert session.path.name == served
 
 
 def test_cuda_provider_options():

@@ -18,7 +18,7 @@ import pytest
 from scoring_fixtures import NO_MPP_MODEL, PATH_MODEL, REAL_SLIDE, tissue_image, write_pyramidal_tiff
 from test_score_slides import check_qupath_geojson, read_tiles
 
-from service.scoring.slides import SlideOptions, score_slide
+from service.scoring.slide_scoring import SlideOptions, score_slide
 
 FINISHED = {"succeeded", "failed", "cancelled"}
 # a job that takes minutes: every 2-pixel step of the real slide, one tile per batch

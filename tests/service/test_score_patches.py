@@ -128,3 +128,43 @@ def test_patch_set_errors(path_model_repo, pcam, tmp_path, capsys):
     assert "not a readable HDF5 file" in capsys.readouterr().err
     assert run_cli(path_model_repo, tmp_path / "o", str(tmp_path / "x.csv")) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_embeddings_file_is_keyed_and_invariant(path_model_repo, pcam, tmp_path):
+    """``--embeddings full``: embeddings.h5 holds per-patch invariant features [n, D] (the mean of
+    [n, D, |H|] over the group axis) keyed by patch id; a quarter-turned copy of the set gets the
+    same invariant features and per-element features rolled along the group axis."""
+    import h5py
+
+    x = pcam["x"][:8]
+    turned = np.ascontiguousarray(np.rot90(x, 1, axes=(1, 2)))
+    np.save(tmp_path / "up.npy", x)
+    np.save(tmp_path / "turned.npy", turned)
+    feats = {}
+    for name in ("up", "turned"):
+        out = tmp_path / f"out_{name}"
+        assert run_cli(path_model_repo, out, str(tmp_path / f"{name}.npy"), "--embeddings", "full") == 0
+        with h5py.File(out / "embeddings.h5") as f:
+            feats[name] = (f["features"][:], f["features_per_element"][:], [i.decode() for i in f["ids"][:]])
+            assert f.attrs["model"] == PATH_MODEL and f.attrs["group"] == "R4"
+        assert "embeddings.h5" in json.loads((out / "metadata.json").read_text())["results"]
+    inv, per, ids = feats["up"]
+    assert inv.shape == (8, per.shape[1]) and per.shape[2] == 4 and ids == [r["id"] for r in rows(tmp_path / "out_up")]
+    np.testing.assert_allclose(inv, per.mean(axis=2), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(feats["turned"][0], inv, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(feats["turned"][1], np.roll(per, 1, axis=2), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(per, np.roll(per, 1, axis=2), atol=1e-4)
+
+
+def test_embeddings_need_a_model_with_features(path_model_repo, pcam, tmp_path, capsys):
+    """A card without a features output: asking for embeddings fails with a message that says so."""
+    repo = tmp_path / "repo"
+    shutil.copytree(path_model_repo / PATH_MODEL, repo / PATH_MODEL)
+    card_path = repo / PATH_MODEL / "1" / "card.json"
+    card = json.loads(card_path.read_text())
+    del card["outputs"]["features"]
+    card_path.write_text(json.dumps(card))
+    np.save(tmp_path / "x.npy", pcam["x"][:2])
+    assert run_cli(repo, tmp_path / "o", str(tmp_path / "x.npy"), "--embeddings", "invariant") == 2
+    assert "exported without features" in capsys.readouterr().err
+    assert run_cli(repo, tmp_path / "o2", str(tmp_path / "x.npy")) == 0

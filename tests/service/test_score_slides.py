@@ -21,7 +21,7 @@ from PIL import Image
 from scoring_fixtures import MODEL_MPP, PATH_MODEL, REAL_SLIDE, pyramid, tissue_image, write_pyramidal_tiff
 
 from service.score import main as score_main
-from service.scoring.slides import SlideOptions, score_slide
+from service.scoring.slide_scoring import SlideOptions, score_slide
 from service.scoring.tissue import saturation
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,7 +197,7 @@ def test_level0_is_never_read_whole(path_model, tmp_path, monkeypatch):
     """A single-level slide (no pyramid to fall back on): the thumbnail is built from bounded chunks
     and tiles are read one at a time, so no read covers more than a chunk of the slide."""
     import service.scoring.tissue as tissue
-    from service.scoring.slide import Slide
+    from service.scoring.slide_reader import Slide
 
     monkeypatch.setattr(tissue, "_CHUNK_READ_PX", 128)
     path = write_pyramidal_tiff(tmp_path / "flat.tiff", tissue_image(768, 1024), mpp=MODEL_MPP, levels=1)
@@ -220,7 +220,7 @@ def test_pipeline_reads_ahead_a_bounded_number_of_batches():
     """At most the batch being run plus ``prefetch`` read ahead are held; cancelling stops at the next batch."""
     import threading
 
-    from service.scoring.errors import Cancelled
+    from service.scoring.scoring_errors import Cancelled
     from service.scoring.pipeline import run_pipeline
 
     class Model:

@@ -14,16 +14,19 @@ import numpy as np
 from PIL import Image
 
 from service import __version__
-from service.card import ModelCard
-from service.scoring.errors import BadParameter, CorruptInput, InputNotFound, UnsupportedFormat
-from service.scoring.metrics import summary
-from service.scoring.outputs import atomic_open, csv_writer, write_json
+from gsa_contract import ModelCard
+from service.errors import ServiceError
+from service.images import ImageLimits, decode_image
+from service.scoring.scoring_errors import BadParameter, CorruptInput, InputNotFound, UnsupportedFormat
+from service.scoring.evaluation import summary
+from service.scoring.outputs import EMBEDDING_MODES, EMBEDDINGS_FILE, atomic_open, csv_writer, write_embeddings, write_json
 from service.scoring.pipeline import ScoringModel, score_items
-from service.scoring.slides import Progress, model_info
+from service.scoring.slide_scoring import Progress, embedding_attrs, model_info
 
 __all__ = ["PatchOptions", "PatchSet", "PATCH_RESULTS", "open_patches", "score_patches"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+PATCH_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
 PATCH_RESULTS = ("patches.csv", "summary.json", "metadata.json")
 
 
@@ -37,6 +40,7 @@ class PatchOptions:
     batch_size: int = 32
     readers: int = 1
     prefetch: int = 4
+    embeddings: str = "none"  # "invariant": embeddings.h5 with per-patch [D] features; "full": also [D, |H|]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PatchOptions":
@@ -49,6 +53,8 @@ class PatchOptions:
     def checked(self) -> "PatchOptions":
         if self.fit not in ("error", "resize", "crop"):
             raise BadParameter(f"fit must be 'error', 'resize' or 'crop', got {self.fit!r}")
+        if self.embeddings not in EMBEDDING_MODES:
+            raise BadParameter(f"embeddings must be one of {list(EMBEDDING_MODES)}, got {self.embeddings!r}")
         for name in ("batch_size", "readers", "prefetch"):
             if not 1 <= getattr(self, name) <= _MAX[name]:
                 raise BadParameter(f"{name} must be in 1..{_MAX[name]}, got {getattr(self, name)}")
@@ -90,12 +96,9 @@ def _images_in(folder: Path) -> list[Path]:
 
 def _decode(path: Path) -> np.ndarray:
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB") if img.mode not in ("L", "RGB") else img
-            array = np.asarray(img, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise CorruptInput(f"patch {path.name} could not be decoded: {exc}") from None
-    return array[:, :, None] if array.ndim == 2 else array
+        return decode_image(path, ImageLimits(), f"patch {path.name}", convert_modes=True, formats=PATCH_FORMATS)
+    except ServiceError as exc:
+        raise CorruptInput(exc.message) from None
 
 
 def _open_folder(root: Path, model_labels: tuple[str, ...]) -> PatchSet:
@@ -256,8 +259,9 @@ def score_patches(
         def load(idx: range) -> np.ndarray:
             return fit_patches(patches.read(idx.start, idx.stop), card, options.fit)
 
-        probs, orient, stats = score_items(model, n, load, batch_size=options.batch_size, readers=options.readers,
-                                           prefetch=options.prefetch, cancel=cancel, progress=progress)
+        probs, orient, stats, feats = score_items(
+            model, n, load, batch_size=options.batch_size, readers=options.readers, prefetch=options.prefetch,
+            cancel=cancel, progress=progress, features=options.embeddings != "none")
     finally:
         patches.close()
     labels = card.labels
@@ -271,6 +275,12 @@ def score_patches(
             truth = [labels[patches.labels[i]]] if known else []
             w.writerow([pid, *truth, *(f"{v:.6f}" for v in probs[i]), labels[int(probs[i].argmax())], angles[orient[i]]])
     results = ["patches.csv", "metadata.json"]
+    if feats is not None:
+        keys = {"ids": np.array([str(i) for i in patches.ids], dtype=object).astype("S")}
+        if patches.labels is not None:
+            keys["labels"] = np.asarray(patches.labels, np.int64)
+        write_embeddings(out_dir / EMBEDDINGS_FILE, feats, keys, options.embeddings, embedding_attrs(card))
+        results.insert(1, EMBEDDINGS_FILE)
     summ = None
     if patches.labels is not None:
         summ = summary(patches.labels, probs, labels)

@@ -8,21 +8,21 @@ the image) become white, which the tissue detector sees as background.
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import openslide
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from service.scoring.errors import CorruptInput, InputNotFound, UnsupportedFormat
+from service.errors import PayloadTooLarge, ServiceError, UnsupportedMediaType
+from service.images import ImageLimits, load_pixels, open_image
+from service.scoring.scoring_errors import CorruptInput, InputNotFound, UnsupportedFormat
 
 __all__ = ["Slide", "open_slide", "rgba_to_rgb"]
 
 log = logging.getLogger(__name__)
 
-_PLAIN_FORMATS = ("PNG", "JPEG", "TIFF")
 DEFAULT_MAX_PLAIN_PIXELS = 12_000 * 12_000  # plain images are decoded whole (below Pillow's own bomb limit)
 # OpenSlide's decoded-tile cache, per open slide: tiles are read in blocks of about 1024 level pixels
 # (see slides._BLOCK_READ_PX), which this holds several times over, so memory does not depend on the slide
@@ -131,10 +131,8 @@ def _open_plain(path: Path, max_pixels: int) -> Slide:
     """A PNG/JPEG/TIFF that OpenSlide does not read: decoded whole (these formats have no tiles to
     stream), so its size is bounded by ``max_pixels``."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path, formats=_PLAIN_FORMATS)
-    except UnidentifiedImageError:
+        img = open_image(path, ImageLimits(max_pixels=max_pixels, max_side=max_pixels), path.name)
+    except UnsupportedMediaType:
         if _looks_like_slide(path):
             raise CorruptInput(
                 f"{path.name} looks like a slide (TIFF-based or a slide extension) but neither OpenSlide nor Pillow "
@@ -144,24 +142,17 @@ def _open_plain(path: Path, max_pixels: int) -> Slide:
             f"{path.name} is neither a slide OpenSlide reads (SVS, NDPI, MRXS, SCN, tiled TIFF, ...) "
             "nor a PNG, JPEG or TIFF image"
         ) from None
-    except Image.DecompressionBombError:
-        raise CorruptInput(f"{path.name} is too large to decode as a plain image") from None
-    except OSError as exc:
-        raise CorruptInput(f"{path.name} cannot be read: {exc}") from None
-    width, height = img.size
-    if width * height > max_pixels:
-        img.close()
+    except PayloadTooLarge as exc:
         raise UnsupportedFormat(
-            f"{path.name} is a plain {img.format} of {width}x{height} pixels, over the limit of {max_pixels} "
-            "for images that must be decoded whole; convert it to a tiled pyramidal TIFF"
-        )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            rgb = img.convert("RGB")
-            rgb.load()
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise CorruptInput(f"{path.name} could not be decoded (a damaged or truncated file?): {exc}") from None
-    finally:
-        img.close()
-    return Slide(path, openslide.ImageSlide(rgb), f"plain-{(img.format or 'image').lower()}", None)
+            f"{exc.message}: plain images are decoded whole; convert it to a tiled pyramidal TIFF"
+        ) from None
+    except ServiceError as exc:
+        raise CorruptInput(exc.message) from None
+    with img:
+        fmt = (img.format or "image").lower()
+        try:
+            pixels = load_pixels(img, path.name, convert_modes=True)
+        except ServiceError as exc:
+            raise CorruptInput(f"{exc.message} (a damaged or truncated file?)") from None
+    rgb = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).convert("RGB")
+    return Slide(path, openslide.ImageSlide(rgb), f"plain-{fmt}", None)

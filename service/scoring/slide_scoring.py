@@ -14,11 +14,12 @@ import numpy as np
 from PIL import Image
 
 from service import __version__
-from service.card import ModelCard
-from service.scoring.errors import BadParameter, NoTissue
-from service.scoring.outputs import GeoJSONWriter, atomic_open, csv_writer, heatmap_png, write_json, write_npy
-from service.scoring.pipeline import PipelineStats, ScoringModel, score_items
-from service.scoring.slide import DEFAULT_MAX_PLAIN_PIXELS, Slide, open_slide
+from gsa_contract import ModelCard
+from service.scoring.scoring_errors import BadParameter, NoTissue
+from service.scoring.outputs import (EMBEDDING_MODES, EMBEDDINGS_FILE, GeoJSONWriter, atomic_open, csv_writer, heatmap_png,
+                                     write_embeddings, write_json, write_npy)
+from service.scoring.pipeline import Scores, ScoringModel, score_items
+from service.scoring.slide_reader import DEFAULT_MAX_PLAIN_PIXELS, Slide, open_slide
 from service.scoring.tiling import TilePlan, plan_tiles
 from service.scoring.tissue import TissueMask, detect_tissue
 
@@ -50,6 +51,7 @@ class SlideOptions:
     readers: int = 1  # reader threads
     prefetch: int = 4  # batches read ahead of the model
     heatmap_label: str | None = None  # label drawn in heatmap.png; default: the last one
+    embeddings: str = "none"  # "invariant": embeddings.h5 with per-tile [D] features; "full": also [D, |H|]
     max_plain_pixels: int = DEFAULT_MAX_PLAIN_PIXELS
 
     @classmethod
@@ -69,6 +71,8 @@ class SlideOptions:
             raise BadParameter(f"min_tissue must be in [0, 1], got {self.min_tissue}")
         if self.tissue not in ("otsu", "none"):
             raise BadParameter(f"tissue must be 'otsu' or 'none', got {self.tissue!r}")
+        if self.embeddings not in EMBEDDING_MODES:
+            raise BadParameter(f"embeddings must be one of {list(EMBEDDING_MODES)}, got {self.embeddings!r}")
         for name in ("batch_size", "readers", "prefetch", "mask_size"):
             if not 1 <= getattr(self, name) <= _MAX[name]:
                 raise BadParameter(f"{name} must be in 1..{_MAX[name]}, got {getattr(self, name)}")
@@ -152,11 +156,12 @@ def _plan_and_mask(slide: Slide, card: ModelCard, options: SlideOptions) -> tupl
 def _score_tiles(
     model: ScoringModel, slide: Slide, plan: TilePlan, grid: np.ndarray, options: SlideOptions,
     progress: Progress | None, cancel: threading.Event | None,
-) -> tuple[np.ndarray, np.ndarray, PipelineStats]:
-    """Probabilities ``[n, K]`` and dominant group element ``[n]`` of every tile in ``grid``."""
+) -> Scores:
+    """Probabilities ``[n, K]``, dominant group element ``[n]`` (and features) of every tile in ``grid``."""
     return score_items(
         model, len(grid), _tile_loader(slide, plan, grid, model.card.channels), batch_size=options.batch_size,
         readers=options.readers, prefetch=options.prefetch, cancel=cancel, progress=progress,
+        features=options.embeddings != "none",
     )
 
 
@@ -184,7 +189,7 @@ def score_slide(
     with open_slide(path, options.max_plain_pixels) as slide:
         plan, mask, grid, fracs = _plan_and_mask(slide, card, options)
         t_mask = time.perf_counter() - t_start
-        probs, orient, stats = _score_tiles(model, slide, plan, grid, options, progress, cancel)
+        probs, orient, stats, feats = _score_tiles(model, slide, plan, grid, options, progress, cancel)
         slide_info = {
             "path": str(slide.path), "name": slide.path.name, "format": slide.format,
             "dimensions": list(slide.dimensions), "level_dimensions": [list(d) for d in slide.level_dimensions],
@@ -192,6 +197,13 @@ def score_slide(
         }
     t_write = time.perf_counter()
     _write_slide_results(out_dir, card, plan, mask, grid, fracs, probs, orient, options)
+    results = list(SLIDE_RESULTS)
+    if feats is not None:
+        coords = np.array([plan.origin(int(col), int(row)) for col, row in grid], np.int64).reshape(-1, 2)
+        write_embeddings(out_dir / EMBEDDINGS_FILE, feats, {"coords": coords, "grid": grid.astype(np.int64)},
+                         options.embeddings, {**embedding_attrs(card), "tile_size_level0": plan.tile_level0,
+                                              "slide": slide_info["name"]})
+        results.insert(-1, EMBEDDINGS_FILE)
     n = len(grid)
     meta = {
         "kind": "slide", "service_version": __version__, "model": model_info(model), "slide": slide_info,
@@ -202,10 +214,16 @@ def score_slide(
                    "skipped_tiles": plan.count - n},
         "timing": {"total_s": round(time.perf_counter() - t_start, 3), "tissue_s": round(t_mask, 3),
                    "scoring": stats.as_dict(), "writing_s": round(time.perf_counter() - t_write, 3)},
-        "results": list(SLIDE_RESULTS),
+        "results": results,
     }
     write_json(out_dir / "metadata.json", meta)
     return meta
+
+
+def embedding_attrs(card: ModelCard) -> dict[str, object]:
+    return {"model": card.name, "model_version": card.version, "mpp": card.mpp if card.mpp is not None else "",
+            "group": card.group_name, "group_elements": [e.as_dict() for e in card.elements],
+            "features": "orientation-pooled mean of the model's features output (invariant)"}
 
 
 def _write_slide_results(
