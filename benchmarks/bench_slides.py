@@ -101,7 +101,7 @@ def export_model(root: Path, img_size: int) -> tuple[Path, str]:
 
 def measure(args: dict) -> dict:
     from service.score import load_model
-    from service.scoring.slides import SlideOptions, score_slide
+    from service.scoring.slide_scoring import SlideOptions, score_slide
 
     model = load_model(Path(args["model_dir"]), args["model"], None, threads=args["threads"])
     card, bs = model.card, args["batch_size"]
