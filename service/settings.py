@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     inter_op_threads: int = Field(0, ge=0)
     allow_spinning: bool = True  # ORT's idle worker threads spin; off leaves the CPU to the event loop
     # On a GPU serve the card's ``fp16_file`` (the batched fp16 graph; the fp32 graph is laid out
-    # for CPUs and ran 3.4-4.0x slower at batch 64 on an H200, see README); CPUs get the fp32 graph.
+    # for CPUs and ran 3.4-4.0x slower at batch 64 on an H200, see docs/benchmarks.md); CPUs get the fp32 graph.
     prefer_fp16: bool = True
     cuda_tf32: bool = False  # TF32 matrix products on CUDA: faster, but fp32 logits moved by ~1e-2 (H200)
     warmup: bool = True  # run every model once per batch size bucket before ready

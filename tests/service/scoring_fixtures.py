@@ -18,7 +18,6 @@ PATH_MODEL = "path_r4"
 NO_MPP_MODEL = "path_nompp"
 MODEL_MPP = 1.0  # the synthetic slides are 0.5 um/px: the model reads their level 1 as is
 SLIDE_MPP = 0.5
-REAL_SLIDE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "slides" / "cmu_small_region.svs"
 
 
 def export_path_model(root: Path) -> Path:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scoring_fixtures import NO_MPP_MODEL, PATH_MODEL, REAL_SLIDE, tissue_image, write_pyramidal_tiff
+from data_paths import PCAM, SLIDE, data_path, require
+from scoring_fixtures import NO_MPP_MODEL, PATH_MODEL, tissue_image, write_pyramidal_tiff
 from test_score_slides import check_qupath_geojson, read_tiles
 
 from service.scoring.slide_scoring import SlideOptions, score_slide
@@ -30,8 +31,8 @@ def data_dir(tmp_path, synthetic_slides) -> Path:
     root = tmp_path / "data"
     root.mkdir()
     shutil.copy(synthetic_slides["slide"], root / "synthetic.tiff")
-    if REAL_SLIDE.is_file():
-        shutil.copy(REAL_SLIDE, root / "real.svs")
+    if data_path(SLIDE).is_file():  # the tests that need it skip without it
+        shutil.copy(data_path(SLIDE), root / "real.svs")
     return root
 
 
@@ -98,10 +99,9 @@ def test_slide_job_by_path(jobs_client, path_model, synthetic_slides, tmp_path):
 
 def test_upload_real_slide_and_patch_set(jobs_client):
     """The real SVS and an .npz patch set, uploaded as the request body."""
-    if not REAL_SLIDE.is_file():
-        pytest.skip(f"real slide not found at {REAL_SLIDE}")
+    real_slide = require(SLIDE)
     client = jobs_client()
-    r = client.post("/v1/jobs/slides?model=path_r4&filename=cmu%20small.svs", content=REAL_SLIDE.read_bytes(),
+    r = client.post("/v1/jobs/slides?model=path_r4&filename=cmu%20small.svs", content=real_slide.read_bytes(),
                     headers={"content-type": "application/octet-stream"})
     assert r.status_code == 202, r.text
     assert r.json()["input"]["name"] == "cmu_small.svs" and r.json()["input"]["uploaded"]
@@ -169,8 +169,7 @@ def test_upload_limit_and_bad_requests(jobs_client):
 def test_cancel_and_concurrency_limit(jobs_client):
     """With one job at a time the second waits queued; cancelling it is immediate, cancelling the
     running one stops it at its next batch."""
-    if not REAL_SLIDE.is_file():
-        pytest.skip(f"real slide not found at {REAL_SLIDE}")
+    require(SLIDE)
     client = jobs_client(max_concurrent_jobs=1)
     slow = submit_path(client, "real.svs", **SLOW).json()
     second = submit_path(client, "synthetic.tiff").json()
@@ -189,8 +188,7 @@ def test_cancel_and_concurrency_limit(jobs_client):
 def test_restart_resumes_or_fails_interrupted_jobs(jobs_client, tmp_path):
     """A job running when the service stops is left 'running' on disk; the next start runs it
     again (or, with resuming off, marks it failed with the reason)."""
-    if not REAL_SLIDE.is_file():
-        pytest.skip(f"real slide not found at {REAL_SLIDE}")
+    require(SLIDE)
     jobs_dir = tmp_path / "jobs"
     first = jobs_client(jobs_dir=jobs_dir)
     job = submit_path(first, "real.svs", **SLOW).json()
@@ -226,8 +224,8 @@ def test_bad_input_fails_clearly_and_other_jobs_go_on(jobs_client, data_dir, syn
         "notes.txt": "neither a slide OpenSlide reads", "blank.tiff": "no tile of blank.tiff has at least 50% tissue",
         "nompp.tiff": "does not record its resolution",
     }
-    if REAL_SLIDE.is_file():
-        (data_dir / "truncated.svs").write_bytes(REAL_SLIDE.read_bytes()[:1_000_000])
+    if data_path(SLIDE).is_file():  # the real slide adds one case where it is there
+        (data_dir / "truncated.svs").write_bytes(data_path(SLIDE).read_bytes()[:1_000_000])
         expected["truncated.svs"] = "truncated.svs looks like a slide"
     client = jobs_client(max_concurrent_jobs=1)
     r = submit_path(client, "synthetic.tiff", model=NO_MPP_MODEL)
@@ -243,9 +241,7 @@ def test_bad_input_fails_clearly_and_other_jobs_go_on(jobs_client, data_dir, syn
 
 def test_imagefolder_patch_job_by_path(jobs_client, data_dir):
     """A folder tree inside the data directory (real PCam patches, classes 0 and 1), centre-cropped."""
-    pcam = REAL_SLIDE.parents[1] / "pcam-subset" / "valid"
-    if not pcam.is_dir():
-        pytest.skip(f"PCam subset not found at {pcam}")
+    pcam = require(PCAM) / "valid"
     for label in ("0", "1"):
         (data_dir / "pcam" / label).mkdir(parents=True)
         for src in sorted((pcam / label).glob("*.jpg"))[:8]:

@@ -1,4 +1,4 @@
-"""Patch-set scoring through the CLI: real PCam patches (../shared/data/pcam-subset) as an
+"""Patch-set scoring through the CLI: real PCam patches (``pcam-subset`` under ``$GSA_TEST_DATA``) as an
 ImageFolder tree, as a PCam-layout HDF5 pair and as .npy/.npz arrays give the same rows; the
 summary (accuracy, ROC AUC, confusion matrix) matches a direct computation.
 
@@ -15,20 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_paths import PCAM, require
 from PIL import Image
 from scoring_fixtures import PATH_MODEL
 
 from service.score import main as score_main
 
-PCAM = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "pcam-subset" / "valid"
 PER_CLASS = 40
 
 
 @pytest.fixture(scope="module")
 def pcam(tmp_path_factory) -> dict:
     """40 real PCam patches of each class: an ImageFolder copy, the arrays, and the HDF5 pair."""
-    if not PCAM.is_dir():
-        pytest.skip(f"PCam subset not found at {PCAM}")
+    pcam = require(PCAM) / "valid"
     import h5py
 
     root = tmp_path_factory.mktemp("pcam")
@@ -36,7 +35,7 @@ def pcam(tmp_path_factory) -> dict:
     images, labels = [], []
     for label in ("0", "1"):
         (folder / label).mkdir(parents=True)
-        for src in sorted((PCAM / label).glob("*.jpg"))[:PER_CLASS]:
+        for src in sorted((pcam / label).glob("*.jpg"))[:PER_CLASS]:
             shutil.copy(src, folder / label / src.name)
             with Image.open(src) as img:
                 images.append(np.asarray(img.convert("RGB")))

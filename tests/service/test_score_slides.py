@@ -1,5 +1,6 @@
 """Whole-slide scoring end to end, through the CLI and the engine: a pyramidal TIFF written with
-tifffile (ground truth known) and the real SVS in ../shared/data/slides.
+tifffile (ground truth known) and the real SVS (``slides/`` under ``$GSA_TEST_DATA``, see
+``tests/data_paths.py``).
 
 The model has random (seeded) weights: these tests check plumbing, geometry and equivariance, not
 accuracy.
@@ -18,7 +19,8 @@ import numpy as np
 import openslide
 import pytest
 from PIL import Image
-from scoring_fixtures import MODEL_MPP, PATH_MODEL, REAL_SLIDE, pyramid, tissue_image, write_pyramidal_tiff
+from data_paths import SLIDE, require
+from scoring_fixtures import MODEL_MPP, PATH_MODEL, pyramid, tissue_image, write_pyramidal_tiff
 
 from service.score import main as score_main
 from service.scoring.slide_scoring import SlideOptions, score_slide
@@ -141,8 +143,7 @@ def test_rotated_slide_gives_the_same_tiles(path_model, synthetic_slides, tmp_pa
 def test_cli_real_svs(path_model_repo, path_model, tmp_path):
     """The real Aperio slide through ``python -m service.score`` in a fresh interpreter (which must
     not import torch): read at the model's 1 um/px from its 0.499 um/px level 0 (resampled)."""
-    if not REAL_SLIDE.is_file():
-        pytest.skip(f"real slide not found at {REAL_SLIDE}")
+    real_slide = require(SLIDE)
     out = tmp_path / "svs"
     code = (
         "import sys, runpy; sys.argv = ['service.score'] + sys.argv[1:]\n"
@@ -151,7 +152,7 @@ def test_cli_real_svs(path_model_repo, path_model, tmp_path):
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-c", code, "slide", str(REAL_SLIDE), "--model", PATH_MODEL, "--model-dir",
+        [sys.executable, "-c", code, "slide", str(real_slide), "--model", PATH_MODEL, "--model-dir",
          str(path_model_repo), "--out", str(out), "--threads", "1"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -169,7 +170,7 @@ def test_cli_real_svs(path_model_repo, path_model, tmp_path):
     # coordinates: the level-0 rectangle of a tile, read with OpenSlide directly, gives its probabilities
     rng = np.random.default_rng(0)
     picked = [tiles[i] for i in rng.choice(len(tiles), 24, replace=False)]
-    with openslide.OpenSlide(str(REAL_SLIDE)) as slide:
+    with openslide.OpenSlide(str(real_slide)) as slide:
         regions = [np.asarray(slide.read_region((int(t["minx"]), int(t["miny"])), 0, (33, 33)).convert("RGB"))
                    for t in picked]
         thumb = np.asarray(slide.get_thumbnail((512, 512)).convert("RGB"))

@@ -24,12 +24,12 @@ import zipfile
 import httpx
 import numpy as np
 import pytest
+from data_paths import MNIST, require
 from PIL import Image
 from scoring_fixtures import PATH_MODEL
-from web_fixtures import ROOT, R4, js, missing, open_page, screenshot, wait_for
+from web_fixtures import ROOT, R4, js, open_page, screenshot, wait_for
 from web_fixtures import browser, screenshots, server, web_repo  # noqa: F401  (fixtures)
 
-MNIST = ROOT.parent / "shared" / "data" / "mnist" / "mnist-train-10k.npz"
 STATIC = ROOT / "service" / "static"
 
 
@@ -110,9 +110,7 @@ def _card_done(driver, card, rotation: int) -> bool:
 @pytest.fixture(scope="module")
 def digits() -> list[np.ndarray]:
     """Two real MNIST digits (a 3 and a 7), 28x28 greyscale."""
-    if not MNIST.is_file():
-        missing(f"no MNIST sample at {MNIST}")
-    data = np.load(MNIST)
+    data = np.load(require(MNIST))
     images, labels = data["images"], data["labels"]
     return [images[int(np.flatnonzero(labels == d)[0])] for d in (3, 7)]
 

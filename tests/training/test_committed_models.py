@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from data_paths import MNIST, require
 
 from training.checkpoint import load_model
 from training.data import build_dataset
@@ -18,7 +19,6 @@ from training.equivariance import act_on_group_signal, act_on_spatial, relative_
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = sorted(p for p in (ROOT / "models").glob("*/*") if (p / "checkpoint_best.pt").is_file())
-MNIST = ROOT.parent / "shared" / "data" / "mnist" / "mnist-train-10k.npz"
 
 
 def test_every_committed_model_ships_its_checkpoint():
@@ -28,10 +28,9 @@ def test_every_committed_model_ships_its_checkpoint():
 
 @pytest.fixture(scope="module")
 def val_digits():
-    if not MNIST.is_file():
-        pytest.skip(f"{MNIST} is not there")
+    mnist = require(MNIST)
     options = {"val_size": 1000, "split_seed": 0, "rotate": True, "rotation_seed": 0}
-    val = build_dataset("mnist", MNIST, "val", **options)
+    val = build_dataset("mnist", mnist, "val", **options)
     x = torch.stack([val[i][0] for i in range(16)])  # 16, 1, 28, 28 in [0, 1]
     return x
 

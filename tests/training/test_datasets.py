@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from data_paths import MNIST, PCAM, require
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -23,8 +24,6 @@ from training.data.mnist import MNISTDataset, read_idx
 from training.data.pcam import PCamFolder, PCamH5, h5_paths, open_pcam
 from training.data.rotmnist import AMAT_FILES, RotMNISTAmat, read_amat
 from training.data.transforms import rotate_bilinear, rotate_quarter_turns
-
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def _digits(n: int, size: int = 28, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -338,15 +337,11 @@ def test_fingerprint_covers_files_splits_and_seeds(mnist_npz, tmp_path):
     assert fp() != base
 
 
-# ---- the real data beside the project --------------------------------------------------------
-REAL_MNIST = SHARED / "mnist" / "mnist-train-10k.npz"
-REAL_PCAM = SHARED / "pcam-subset"
-
-
-@pytest.mark.skipif(not REAL_MNIST.is_file(), reason="real MNIST subset not present")
+# ---- the real data (GSA_TEST_DATA, see tests/data_paths.py) ----------------------------------
 def test_real_mnist_npz():
-    train = build_dataset("mnist", REAL_MNIST, "train")
-    val = build_dataset("mnist", REAL_MNIST, "val")
+    real_mnist = require(MNIST)
+    train = build_dataset("mnist", real_mnist, "train")
+    val = build_dataset("mnist", real_mnist, "val")
     assert (len(train), len(val)) == (9000, 1000)
     assert set(train.indices).isdisjoint(val.indices)
     counts = torch.bincount(val.labels, minlength=10)
@@ -355,9 +350,8 @@ def test_real_mnist_npz():
     assert 0.05 < float(val.images.mean()) < 0.25
 
 
-@pytest.mark.skipif(not REAL_PCAM.is_dir(), reason="real PCam subset not present")
 def test_real_pcam_folder():
-    val = build_dataset("pcam", REAL_PCAM, "valid")
+    val = build_dataset("pcam", require(PCAM), "valid")
     assert len(val) == 3000 and int(val.labels.sum()) == 1500
     _check_item(val, (3, 96, 96))
     assert val.identity()["count"] == 3000

@@ -3,20 +3,20 @@ checkpoint to 1e-4 like on the CPU, the fp16 graph agrees with it, both stay equ
 heavy operators really run on the GPU.
 
 These tests need onnxruntime-gpu and a CUDA device; everywhere else they are skipped. Run them on a
-GPU machine with ``python -m pytest tests/training/test_gpu_onnx.py`` (``GSA_MNIST`` names the
-MNIST ``.npz`` when ``../shared/data`` is not beside the checkout).
+GPU machine with ``python -m pytest tests/training/test_gpu_onnx.py`` (``GSA_TEST_DATA`` names the
+data folder when ``../shared/data`` is not beside the checkout; see ``tests/data_paths.py``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from data_paths import MNIST, require
 
 try:  # the CUDA libraries that PyTorch loaded serve onnxruntime-gpu too
     import onnxruntime as ort
@@ -32,12 +32,11 @@ from training.equivariance import act_on_group_signal, act_on_spatial, relative_
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = sorted(p for p in (ROOT / "models").glob("*/*") if (p / "model.fp16.onnx").is_file())
-MNIST = Path(os.environ.get("GSA_MNIST", ROOT.parent / "shared" / "data" / "mnist" / "mnist-train-10k.npz"))
 CUDA = "CUDAExecutionProvider"
 # TF32 matrix products are asked off for the fp32 graph: the contract's parity is 1e-4.
 CUDA_FP32 = (CUDA, {"use_tf32": "0"})
 HEAVY_OPS = {"MatMul", "Gemm", "Einsum", "Softmax", "Conv", "LayerNormalization", "Gather", "GatherElements"}
-FP16_LOGIT_TOL = 5e-2  # bounds; the measured figures are in README (benchmarks/bench_onnx_gpu.py)
+FP16_LOGIT_TOL = 5e-2  # bounds; the measured figures are in docs/benchmarks.md (bench_onnx_gpu.py)
 FP16_EQUIVARIANCE_TOL = 2e-3  # measured 8.1e-4 to 8.7e-4 on the H200 (bench_onnx_gpu.py, 32 digits)
 
 pytestmark = pytest.mark.skipif(
@@ -48,10 +47,9 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def digits():
-    if not MNIST.is_file():
-        pytest.skip(f"{MNIST} is not there (set GSA_MNIST)")
+    mnist = require(MNIST)
     options = {"val_size": 1000, "split_seed": 0, "rotate": True, "rotation_seed": 0}
-    val = build_dataset("mnist", MNIST, "val", **options)
+    val = build_dataset("mnist", mnist, "val", **options)
     x = torch.stack([val[i][0] for i in range(256)])
     y = torch.tensor([int(val[i][1]) for i in range(256)])
     return (x * 255).round().to(torch.uint8), y  # uint8 pixels, as a client sends them
