@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from training.data.transforms import rotate_bilinear, rotate_quarter_turns
 
-__all__ = ["evaluate_loader", "evaluate_rotations", "wilson_interval", "DEFAULT_ANGLES"]
+__all__ = ["evaluate_loader", "evaluate_rotations", "wilson_interval", "roc_auc", "expected_calibration_error",
+           "DEFAULT_ANGLES"]
 
 DEFAULT_ANGLES = tuple(range(0, 360, 15))
 
@@ -42,6 +43,36 @@ def wilson_interval(correct: int, count: int, z: float = 1.959963984540054) -> t
     low = 0.0 if correct == 0 else max(0.0, centre - half)  # the ends are exact at 0% and 100%
     high = 1.0 if correct == count else min(1.0, centre + half)
     return low, high
+
+
+def roc_auc(positive: torch.Tensor, scores: torch.Tensor) -> float | None:
+    """Area under the ROC curve (the Mann-Whitney U statistic, ties counted one half); None when
+    only one class is present."""
+    positive = positive.bool()
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    s = scores.double()
+    less = (s[~positive][None, :] < s[positive][:, None]).sum()  # positives scored above negatives
+    ties = (s[~positive][None, :] == s[positive][:, None]).sum()
+    return (int(less) + 0.5 * int(ties)) / (n_pos * n_neg)
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float | None:
+    """ECE (Guo et al. 2017): confidence of the predicted class against accuracy, in ``bins``
+    equal-width confidence bins, weighted by the share of samples in each."""
+    if len(labels) == 0:
+        return None
+    conf, pred = probs.max(-1)
+    correct = (pred == labels).double()
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    which = torch.bucketize(conf.double(), edges[1:-1], right=True)  # 0 .. bins-1
+    ece = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            ece += float(members.double().mean() * (conf[members].double().mean() - correct[members].mean()).abs())
+    return ece
 
 
 def _logits(model: nn.Module, x: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
@@ -104,7 +135,9 @@ def evaluate_rotations(
     Returns:
         A JSON-ready dict: ``accuracy``, ``accuracy_ci95`` (Wilson score interval, the sampling
         uncertainty of ``accuracy`` on ``count`` images), ``loss``, ``count``, ``per_class_accuracy``,
-        ``rot90`` (keyed by degrees) and ``rotations`` (a list of ``{degrees, accuracy, ...}``).
+        ``roc_auc`` (two classes: the last class's probability as the score), ``ece`` (15 bins),
+        ``rot90`` (keyed by degrees), ``mirror`` (left-right) and ``rotations`` (a list of
+        ``{degrees, accuracy, ...}``).
     """
     model.eval()
     names = list(class_names) or [str(i) for i in range(num_classes)]
@@ -113,10 +146,15 @@ def evaluate_rotations(
     quarter = {k: _Tally(num_classes) for k in range(4)}
     bilinear = {a: _Tally(num_classes) for a in angles}
     loss = 0.0
+    probs, truth = [], []
+    mirror = _Tally(num_classes)
     for x, y in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
         x, y = x.to(device), y.to(device)
         logits = model(x).float()
         pred = logits.argmax(-1)
+        probs.append(torch.softmax(logits, -1).cpu())
+        truth.append(y.cpu())
+        mirror.add(model(x.flip(-1)).argmax(-1), y, pred)
         loss += float(F.cross_entropy(logits, y, reduction="sum"))
         total += torch.bincount(y.cpu(), minlength=num_classes)
         base.add(pred, y, pred)
@@ -127,12 +165,16 @@ def evaluate_rotations(
     count = int(total.sum())
     correct = int(base.correct.sum())
     per_class = {n: (int(c) / int(t) if t else None) for n, c, t in zip(names, base.correct, total)}
+    p, t = (torch.cat(probs), torch.cat(truth)) if probs else (torch.zeros(0, num_classes), torch.zeros(0, dtype=torch.long))
     return {
         "count": count,
         "accuracy": base.summary(total)["accuracy"],
         "accuracy_ci95": list(wilson_interval(correct, count)) if count else None,
         "loss": loss / max(1, count),
         "per_class_accuracy": per_class,
+        "roc_auc": roc_auc(t == num_classes - 1, p[:, -1]) if num_classes == 2 else None,
+        "ece": expected_calibration_error(p, t),
         "rot90": {str(90 * k): t.summary(total) for k, t in quarter.items()},
+        "mirror": mirror.summary(total),
         "rotations": [{"degrees": a, **t.summary(total)} for a, t in bilinear.items()],
     }

@@ -18,7 +18,7 @@ from training.checkpoint import load_checkpoint
 from training.cli import main
 from training.config import ConfigError, config_to_dict, load_config
 from training.data.common import TensorImageDataset
-from training.evaluate import evaluate_rotations, wilson_interval
+from training.evaluate import evaluate_rotations, expected_calibration_error, roc_auc, wilson_interval
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -158,6 +158,30 @@ def test_wilson_interval_figures_and_errors():
         wilson_interval(0, 0)
     with pytest.raises(ValueError, match="correct must be in"):
         wilson_interval(11, 10)
+
+
+def test_roc_auc_counts_ordered_pairs():
+    """AUC = P(score of a positive > score of a negative) + P(tie) / 2, counted over all pairs,
+    against the service's numpy version (two implementations, one definition)."""
+    from service.scoring.evaluation import roc_auc as numpy_auc
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    s = np.round(rng.random(300) + 0.4 * y, 2)  # rounded: many ties
+    pairs = [(a, b) for a in s[y == 1] for b in s[y == 0]]
+    expected = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
+    assert roc_auc(torch.tensor(y == 1), torch.tensor(s)) == pytest.approx(expected, abs=1e-12)
+    assert numpy_auc(y, s) == pytest.approx(expected, abs=1e-12)
+    assert roc_auc(torch.ones(3, dtype=torch.bool), torch.rand(3)) is None
+
+
+def test_expected_calibration_error():
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    labels = torch.tensor([0, 1, 1, 1])  # the third is wrong with confidence 0.6
+    # one sample per bin: mean of |confidence - correct| = (0.1 + 0.2 + 0.6 + 0.3) / 4
+    assert expected_calibration_error(probs, labels) == pytest.approx(0.3, abs=1e-6)
+    both = torch.tensor([[0.75, 0.25], [0.75, 0.25]])  # one bin: confidence 0.75, accuracy 0.5
+    assert expected_calibration_error(both, torch.tensor([0, 1])) == pytest.approx(0.25, abs=1e-6)
 
 
 # ---- the CLI end to end ----------------------------------------------------------------------

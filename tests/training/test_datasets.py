@@ -23,7 +23,7 @@ from training.data.factory import build_dataset, list_datasets
 from training.data.mnist import MNISTDataset, read_idx
 from training.data.pcam import PCamFolder, PCamH5, h5_paths, open_pcam
 from training.data.rotmnist import AMAT_FILES, RotMNISTAmat, read_amat
-from training.data.transforms import rotate_bilinear, rotate_quarter_turns
+from training.data.transforms import RGB_FROM_HED, hed_jitter, random_d4, rotate_bilinear, rotate_quarter_turns
 
 
 def _digits(n: int, size: int = 28, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -68,6 +68,43 @@ def test_rotation_builds_its_grid_on_the_images_device():
     x = torch.rand(3, 1, 8, 8, device="meta")
     assert rotate_bilinear(x, math.pi / 4).device == x.device
     assert rotate_bilinear(x, torch.full((3,), 0.5)).device == x.device
+
+
+def test_random_d4_draws_exact_elements_uniformly():
+    """Each image comes out as one of its 8 D4 images (quarter turns, mirrored or not), exactly;
+    all 8 occur, and the draws follow the generator's seed."""
+    x = torch.rand(400, 3, 6, 6)
+    out = random_d4(x, torch.Generator().manual_seed(1))
+    seen = set()
+    for img, res in zip(x, out):
+        matches = [(k, m) for m in (False, True) for k in range(4)
+                   if torch.equal(res, (rotate_quarter_turns(img, k).flip(-1) if m else rotate_quarter_turns(img, k)))]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert len(seen) == 8
+    assert torch.equal(out, random_d4(x, torch.Generator().manual_seed(1)))
+    assert not torch.equal(out, random_d4(x, torch.Generator().manual_seed(2)))
+
+
+def test_hed_jitter():
+    """sigma 0 returns the image (unmix and mix are inverses); a stain's optical density scales by
+    its factor; the output stays in [0, 1]; it needs RGB."""
+    rng = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 3, 5, 5) * 0.9 + 0.05
+    torch.testing.assert_close(hed_jitter(x, 0.0, rng), x, rtol=1e-4, atol=1e-5)
+    # pure haematoxylin of density 1 (optical density along H's stain vector): unmixed again, the
+    # H density is a * 1 + b and the E and D densities are b alone, |a - 1| <= sigma, |b| <= sigma
+    sigma = 0.05
+    pure_h = torch.exp(-RGB_FROM_HED[0].float())[None, :, None, None].expand(6, 3, 2, 2).contiguous()
+    out = hed_jitter(pure_h, sigma, torch.Generator().manual_seed(3))
+    stains = -torch.log(out[:, :, 0, 0]).double() @ torch.linalg.inv(RGB_FROM_HED)  # 6, 3 (H, E, D)
+    assert ((stains[:, 0] >= 1 - 2 * sigma - 1e-4) & (stains[:, 0] <= 1 + 2 * sigma + 1e-4)).all()
+    assert (stains[:, 1:].abs() <= sigma + 1e-4).all()
+    assert stains[:, 0].std() > 1e-3  # each image gets its own factors
+    y = hed_jitter(torch.rand(16, 3, 8, 8), 0.3, rng)
+    assert y.min() >= 0 and y.max() <= 1
+    with pytest.raises(ValueError, match="RGB"):
+        hed_jitter(torch.rand(2, 1, 4, 4), 0.05, rng)
 
 
 def test_seeded_split_partitions():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from training.networks import create_model, get_config, list_models, model_from_config
 
@@ -36,5 +37,22 @@ def test_final_norm_adds_one_layernorm_and_old_configs_still_build():
 
 
 def test_every_family_registers_every_group():
-    for family in ("rotmnist", "cifar10", "pcam"):
+    for family in ("rotmnist", "cifar10", "pcam", "pcam48"):
         assert len(list_models(f"gsa_{family}_")) == 7
+
+
+def test_input_pool():
+    """gsa_pcam48: the 96x96 input is average-pooled 2x2 before lifting, which is the same net on
+    the pooled image; a pool that does not divide the side is refused."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    half = create_model("gsa_pcam48_r4m").eval()
+    assert half.config.img_size == 96 and half.config.input_pool == 2 and half.out_size == 3
+    plain = model_from_config("gsa_plain", dataclasses.replace(half.config, img_size=48, input_pool=1)).eval()
+    plain.load_state_dict(half.state_dict())
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(half(x), plain(F.avg_pool2d(x, 2)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="divisor"):
+        get_config("gsa_pcam48_r4m", input_pool=5)
