@@ -1,10 +1,11 @@
 """A/B of the attention kernel against an earlier commit's, on the RotMNIST R4 net (paper form).
 
-Loads ``training/attention_kernels.py`` as it was at REV (``git show``) beside the working tree's
-(the layers' own code stays the working tree's)
-and alternates them step by step in one process, on the same weights (SGD with lr 0, so every step
-sees the same model), so that drift of a shared machine hits both alike. Prints images/s of each
-(best of the steps after the first) for a training step at batch 8 and inference at batch 64.
+Loads ``training/attention_kernels.py`` as it was at REV (``git show``) beside the working tree's,
+with REV's fused CPU kernel (``training/fused_attention.py`` and its C++ source) where REV has one
+(the layers' own code stays the working tree's), and alternates them step by step in one process,
+on the same weights (SGD with lr 0, so every step sees the same model), so that drift of a shared
+machine hits both alike. Prints images/s of each (best of the steps after the first) for a training
+step at batch 8 and inference at batch 64.
 
     python benchmarks/ab_kernels.py 1f8b654 [--steps 4]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import subprocess
 import sys
 import tempfile
@@ -32,28 +34,54 @@ import training.attention_kernels as current  # noqa: E402
 from training.networks import create_model  # noqa: E402
 
 
-def load_revision(rev: str, folder: Path):
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:training/attention_kernels.py"],
-                            capture_output=True, text=True, check=True).stdout
-    path = folder / "attention_kernels_at_rev.py"
+def git_show(rev: str, path: str) -> str | None:
+    """``path`` as it was at ``rev``, or ``None`` where it did not exist."""
+    result = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True)
+    return result.stdout if result.returncode == 0 else None
+
+
+def load_module(name: str, path: Path, source: str):
     path.write_text(source)
-    spec = importlib.util.spec_from_file_location("attention_kernels_at_rev", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
+def load_revision(rev: str, folder: Path):
+    """REV's kernel module; where REV has a fused kernel, bound to REV's (its interface changed
+    with the kernels', so the working tree's would not fit)."""
+    source = git_show(rev, "training/attention_kernels.py")
+    if source is None:
+        raise SystemExit(f"{rev} has no training/attention_kernels.py")
+    module = load_module("attention_kernels_at_rev", folder / "attention_kernels_at_rev.py", source)
+    fused_source = git_show(rev, "training/fused_attention.py")
+    cpp = git_show(rev, "training/csrc/window_attention.cpp")
+    if hasattr(module, "fused_attention") and fused_source is not None and cpp is not None:
+        (folder / "csrc").mkdir(exist_ok=True)
+        (folder / "csrc" / "window_attention.cpp").write_text(cpp)  # where its SOURCE points
+        module.fused_attention = load_module("fused_attention_at_rev", folder / "fused_attention_at_rev.py",
+                                             fused_source)
+    return module
+
+
 def layer_entry(module):
-    """What the layers call (``projected_window_attention``) from a kernel module; for revisions
-    before it existed (before 7f7b6e6), their ``window_attention`` on q, k, v projected here, which
-    is what the layers of those revisions did (q, k, v then kept for the backward pass)."""
-    if hasattr(module, "projected_window_attention"):
-        return module.projected_window_attention
+    """What the layers call, ``projected_window_attention(x, params, project, table, plan)``, from a
+    kernel module. Revisions before the plan (``training.attention_plan.AttentionPlan``) take its
+    fields positionally; revisions before ``projected_window_attention`` (before 7f7b6e6) get their
+    ``window_attention`` on q, k, v projected here, which is what the layers of those revisions did
+    (q, k, v then kept for the backward pass)."""
+    entry = getattr(module, "projected_window_attention", None)
+    if entry is not None and "plan" in inspect.signature(entry).parameters:
+        return entry
 
-    def entry(form, x, params, project, table, *rest):
-        return module.window_attention(form, *project(x, *params), table, *rest)
+    def unpacked(x, params, project, table, plan):
+        fields = (plan.index, plan.bias, list(plan.row_outside), plan.chunk, plan.p_drop)
+        if entry is not None:
+            return entry(plan.form, x, params, project, table, *fields)
+        return module.window_attention(plan.form, *project(x, *params), table, *fields)
 
-    return entry
+    return unpacked
 
 
 def main() -> None:

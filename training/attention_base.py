@@ -9,6 +9,10 @@ position at a time, with no score tensor at all. Elsewhere (GPUs, ONNX export, o
 positions at a time (all of the batch, heads and group elements); the backward pass recomputes
 each chunk's scores (:mod:`training.attention_kernels`), so no score tensor outlives its chunk.
 ``chunk_elements`` bounds the number of scores a chunk holds.
+
+The layers share one keyword-only constructor, :class:`WindowedAttention`'s; a subclass adds only
+its own arguments (the group layer's ``form``). Each call hands the kernels one
+:class:`training.attention_plan.AttentionPlan` (:meth:`WindowedAttention.plan`).
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training import fused_attention
-from training.attention_kernels import projected_window_attention
+from training.attention_kernels import padded_keys, projected_window_attention
+from training.attention_plan import AttentionPlan
 from training.groups import Group
 from training.windows import neighbour_index, resolve_window_shape, window_offsets
 
@@ -32,12 +36,17 @@ __all__ = ["WindowedAttention", "DEFAULT_CHUNK_ELEMENTS"]
 # (the GPU runs used 1 << 24).
 DEFAULT_CHUNK_ELEMENTS = 1 << 18
 
+# (index [X, P], bias [X, P] or None, pad, per query position "has keys outside the image")
+Geometry = tuple[torch.Tensor, torch.Tensor | None, int, tuple[bool, ...]]
+
 
 class WindowedAttention(nn.Module):
     """Base of lifting and group self-attention over a (local or global) window.
 
+    Every argument is keyword-only; subclasses pass these through and add their own.
+
     Args:
-        in_dim: input channels C.
+        dim: input channels C.
         out_dim: output channels.
         num_heads: nh.
         head_dim: d, the channels per head of queries, keys, values and the encoding.
@@ -53,7 +62,8 @@ class WindowedAttention(nn.Module):
 
     def __init__(
         self,
-        in_dim: int,
+        *,
+        dim: int,
         out_dim: int,
         num_heads: int,
         head_dim: int,
@@ -64,7 +74,7 @@ class WindowedAttention(nn.Module):
         crop: int = 0,
         attn_drop: float = 0.0,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-    ):
+    ) -> None:
         super().__init__()
         if kernel_size is None:
             if max_size is None:
@@ -73,7 +83,7 @@ class WindowedAttention(nn.Module):
             window = "square"
         if crop < 0:
             raise ValueError(f"crop must be >= 0, got {crop}")
-        self.in_dim = in_dim
+        self.dim = dim
         self.out_dim = out_dim
         self.num_heads = num_heads
         self.head_dim = head_dim
@@ -87,12 +97,13 @@ class WindowedAttention(nn.Module):
         offsets = window_offsets(kernel_size, self.window)
         self.register_buffer("offsets", offsets, persistent=False)  # P, 2 (drow, dcol)
         inner = num_heads * head_dim
-        self.query = nn.Linear(in_dim, inner)
-        self.key = nn.Linear(in_dim, inner)
-        self.value = nn.Linear(in_dim, inner)
+        self.query = nn.Linear(dim, inner)
+        self.key = nn.Linear(dim, inner)
+        self.value = nn.Linear(dim, inner)
         self.proj = nn.Linear(inner, out_dim)
         self.attn_drop = nn.Dropout(attn_drop)
-        self._geometry: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor | None, int, list[bool]]] = {}
+        self.frozen_table: torch.Tensor | None = None  # the encoding table as a constant (set for export)
+        self._geometry: dict[tuple[int, int, str], Geometry] = {}
 
     @property
     def num_offsets(self) -> int:
@@ -100,7 +111,7 @@ class WindowedAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"{self.in_dim} -> {self.out_dim}, group={self.group.name}, heads={self.num_heads}, "
+            f"{self.dim} -> {self.out_dim}, group={self.group.name}, heads={self.num_heads}, "
             f"head_dim={self.head_dim}, window={self.window}{self.kernel_size}, crop={self.crop}"
         )
 
@@ -109,8 +120,8 @@ class WindowedAttention(nn.Module):
         layout = "[B, H, W, G, C]" if group_axis else "[B, H, W, C]"
         if x.dim() != want:
             raise ValueError(f"{type(self).__name__} expects a {want}-d input {layout}, got shape {tuple(x.shape)}")
-        if x.shape[-1] != self.in_dim:
-            raise ValueError(f"{type(self).__name__} expects {self.in_dim} input channels, got {x.shape[-1]}")
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"{type(self).__name__} expects {self.dim} input channels, got {x.shape[-1]}")
         if group_axis and x.shape[3] != self.group.order:
             raise ValueError(
                 f"{type(self).__name__} expects a group axis of {self.group.order} ({self.group.name}), got {x.shape[3]}"
@@ -122,9 +133,7 @@ class WindowedAttention(nn.Module):
         if x.shape[1] - 2 * self.crop < 1:
             raise ValueError(f"input {x.shape[1]}x{x.shape[2]} is too small for crop {self.crop}")
 
-    def geometry(
-        self, height: int, width: int, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor | None, int, list[bool]]:
+    def geometry(self, height: int, width: int, device: torch.device) -> Geometry:
         """Cached ``(index [X, P], bias [X, P] or None, pad, per-query "has outside keys")``.
 
         Computed once per input size from constants, so ``forward`` never branches on tensor values.
@@ -135,8 +144,23 @@ class WindowedAttention(nn.Module):
             bias = None
             if bool(outside.any()):
                 bias = torch.zeros(outside.shape).masked_fill(outside, float("-inf")).to(device)
-            self._geometry[key] = (index.to(device), bias, pad, outside.any(dim=1).tolist())
+            self._geometry[key] = (index.to(device), bias, pad, tuple(outside.any(dim=1).tolist()))
         return self._geometry[key]
+
+    def plan(self, form: str, x: torch.Tensor, scores_per_query: int) -> AttentionPlan:
+        """The kernels' plan for one call on ``x``: the geometry of its size, a chunk size for its
+        batch (``chunk_queries`` when fixed), dropout when training.
+
+        Args:
+            form: the kernel's score form (the lifting layer is ``"paper"`` with one query orientation).
+            x: the layer input ``[B, H, W, G, C]``.
+            scores_per_query: scores one query position holds per image and head.
+        """
+        b, height, width = x.shape[:3]
+        index, bias, _, row_outside = self.geometry(height, width, x.device)
+        n = self.chunk_queries or max(1, self.chunk_elements // max(1, b * self.num_heads * scores_per_query))
+        p_drop = self.attn_drop.p if self.training else 0.0
+        return AttentionPlan(form=form, index=index, bias=bias, row_outside=row_outside, chunk=n, p_drop=p_drop)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries at the interior, keys and values everywhere (zero-padded, flattened).
@@ -162,17 +186,9 @@ class WindowedAttention(nn.Module):
         q = F.linear(xq, wq, bq) * self.scale  # B, H', W', G, nh d
         q = q.view(b, -1, g, nh, d).permute(0, 3, 1, 2, 4)  # B, nh, X, G, d
 
-        fused = fused_attention.usable(x)
-
-        def keys(weight, bias):  # B, nh, HpWp, G, d; separate tensors, so that their gradients are too
-            t = F.linear(x, weight, bias).view(b, h, w, g, nh, d)
-            if fused:  # laid out [B, nh, d, Hp Wp, G] in memory, as the fused kernel reads them
-                t = t.permute(0, 4, 5, 1, 2, 3)  # B, nh, d, H, W, G: padded and laid out in one copy
-                t = (F.pad(t, (0, 0, pad, pad, pad, pad)) if pad else t).contiguous()
-                return t.view(b, nh, d, -1, g).permute(0, 1, 3, 4, 2)
-            if pad:
-                t = F.pad(t, (0, 0, 0, 0, 0, 0, pad, pad, pad, pad))  # B, Hp, Wp, G, nh, d
-            return t.reshape(b, -1, g, nh, d).permute(0, 3, 1, 2, 4).contiguous()
+        def keys(weight, bias):  # separate tensors, so that their gradients are too
+            t = F.linear(x, weight, bias).view(b, h, w, g, nh, d)  # B, H, W, G, nh, d
+            return padded_keys(x, t, pad)  # B, nh, Hp Wp, G, d, laid out for the kernel that runs
 
         return q, keys(wk, bk), keys(wv, bv)
 
@@ -197,9 +213,6 @@ class WindowedAttention(nn.Module):
         b, height, width = x.shape[:3]
         nh = self.num_heads
         x_total = (height - 2 * self.crop) * (width - 2 * self.crop)
-        index, bias, _, row_outside = self.geometry(height, width, x.device)
-        n = self.chunk_queries or max(1, self.chunk_elements // max(1, b * nh * scores_per_query))
-        p_drop = self.attn_drop.p if self.training else 0.0
-        out = projected_window_attention(form, x, self.projection_params(), self._project, table, index, bias,
-                                         row_outside, n, p_drop)  # B, nh, X, G, d
+        plan = self.plan(form, x, scores_per_query)
+        out = projected_window_attention(x, self.projection_params(), self._project, table, plan)  # B, nh, X, G, d
         return out.permute(0, 2, 3, 1, 4).reshape(b, x_total, out.shape[3], nh * out.shape[-1])  # B, X, G, nh d

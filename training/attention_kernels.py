@@ -22,6 +22,9 @@ On the CPU, :func:`_run_chunks` and :func:`_attention_backward` hand the whole l
 kernel (:mod:`training.fused_attention`, the same maths one query position at a time, no chunks);
 the chunk loop below is what GPUs, graph capture and ``GSA_FUSED_ATTENTION=0`` run.
 
+The geometry and settings of a call (form, window index, border bias, chunk size, dropout) come in
+one :class:`training.attention_plan.AttentionPlan`, built by the layer.
+
 The layers go one step further (:class:`ProjectedWindowAttention`): they hand the kernel their
 input and projection weights rather than ``q, k, v``, which are several times larger (``nh d``
 channels against ``C``, keys and values zero-padded), and the backward pass recomputes the
@@ -32,10 +35,38 @@ projections. The RotMNIST R4 net at batch 8 then keeps 54 MB for its backward pa
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from training import fused_attention
+from training.attention_plan import AttentionPlan
 
-__all__ = ["attention_scores", "window_attention", "projected_window_attention", "inference_attention"]
+__all__ = [
+    "attention_scores",
+    "window_attention",
+    "projected_window_attention",
+    "inference_attention",
+    "padded_keys",
+]
+
+
+def padded_keys(x: torch.Tensor, t: torch.Tensor, pad: int) -> torch.Tensor:
+    """Keys or values of the layer input ``x``, zero-padded by ``pad`` on every side and laid out
+    in memory for the kernel that will run on them (the fused kernel's own layout on the CPU).
+
+    Args:
+        x: the layer input (decides the kernel, as in :func:`_run_chunks`).
+        t: ``[B, H, W, G, nh, d]``.
+        pad: rows and columns of zeros added on every side.
+
+    Returns:
+        ``[B, nh, Hp Wp, G, d]``.
+    """
+    if fused_attention.usable(x):
+        return fused_attention.padded_keys(t, pad)
+    b, _, _, g, nh, d = t.shape
+    if pad:
+        t = F.pad(t, (0, 0, 0, 0, 0, 0, pad, pad, pad, pad))  # B, Hp, Wp, G, nh, d
+    return t.reshape(b, -1, g, nh, d).permute(0, 3, 1, 2, 4).contiguous()  # B, nh, Hp Wp, G, d
 
 
 def _content(qc: torch.Tensor, kwin: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -158,43 +189,46 @@ def _chunk_forward(ws, form, qc, kwin, vwin, table, bias, p_drop, seed, out):
     out.copy_(torch.matmul(a, vwin, out=ws.get("out", out.shape)))
 
 
-def _run_chunks(q, k, v, table, form, index, bias, row_outside, n, p_drop, seeds):
+def _run_chunks(q, k, v, table, plan: AttentionPlan, seeds: list[int]) -> torch.Tensor:
     """Forward over all chunks into one ``[B, nh, X, G, d]`` tensor, sharing one workspace; on the
     CPU the fused kernel (:mod:`training.fused_attention`, no chunks, ``seeds[0]`` for dropout)."""
     if fused_attention.usable(q):
-        return fused_attention.forward(form, q, k, v, table, index, bias, p_drop, seeds[0] if seeds else 0)
+        return fused_attention.forward(q, k, v, table, plan, seeds[0] if seeds else 0)
+    form, index = plan.form, plan.index
     b, nh, x_total, _, _ = q.shape
     g = table.shape[1] // (index.shape[1] * k.shape[3]) if form == "paper" else table.shape[0]
     out = q.new_empty(b, nh, x_total, g, v.shape[-1])
     ws = _Workspace(q)
-    for (start, stop), seed in zip(_chunks(x_total, n), seeds):
+    for (start, stop), seed in zip(_chunks(x_total, plan.chunk), seeds):
         idx = index[start:stop].reshape(-1)
-        bias_c = bias[start:stop] if bias is not None and any(row_outside[start:stop]) else None
+        bias_c = plan.chunk_bias(start, stop)
         kwin, vwin = _gather_into(ws, "kwin", k, idx, stop - start), _gather_into(ws, "vwin", v, idx, stop - start)
-        _chunk_forward(ws, form, q[:, :, start:stop], kwin, vwin, table, bias_c, p_drop, seed, out[:, :, start:stop])
+        _chunk_forward(ws, form, q[:, :, start:stop], kwin, vwin, table, bias_c, plan.p_drop, seed,
+                       out[:, :, start:stop])
     return out
 
 
-def _seeds(q: torch.Tensor, n: int, p_drop: float) -> list[int]:
+def _seeds(q: torch.Tensor, plan: AttentionPlan) -> list[int]:
     """One dropout seed per chunk, so the backward pass can regenerate each chunk's mask (one for
     the whole layer on the fused kernel, which has no chunks)."""
-    count = 1 if fused_attention.usable(q) else len(range(0, q.shape[2], n))
-    return [int(torch.randint(0, 2**62, ())) if p_drop > 0 else 0 for _ in range(count)]
+    count = 1 if fused_attention.usable(q) else len(range(0, q.shape[2], plan.chunk))
+    return [int(torch.randint(0, 2**62, ())) if plan.p_drop > 0 else 0 for _ in range(count)]
 
 
-def inference_attention(form, q, k, v, table, index, bias, row_outside, n, p_drop=0.0):
+def inference_attention(q, k, v, table, plan: AttentionPlan) -> torch.Tensor:
     """Forward only (no autograd): ``[B, nh, X, G, d]``."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        return _traceable_attention(form, q, k, v, table, index, bias, row_outside, n)
-    return _run_chunks(q, k, v, table, form, index, bias, row_outside, n, p_drop, _seeds(q, n, p_drop))
+        return _traceable_attention(q, k, v, table, plan)
+    return _run_chunks(q, k, v, table, plan, _seeds(q, plan))
 
 
-def _traceable_attention(form, q, k, v, table, index, bias, row_outside, n):
-    """The same forward in plain functional ops, for graph capture (ONNX export)."""
+def _traceable_attention(q, k, v, table, plan: AttentionPlan) -> torch.Tensor:
+    """The same forward in plain functional ops, for graph capture (ONNX export); no dropout."""
+    form, index = plan.form, plan.index
     outs = []
-    for start, stop in _chunks(q.shape[2], n):
+    for start, stop in _chunks(q.shape[2], plan.chunk):
         idx = index[start:stop].reshape(-1)
-        bias_c = bias[start:stop] if bias is not None and any(row_outside[start:stop]) else None
+        bias_c = plan.chunk_bias(start, stop)
         kwin, vwin = _gather(k, idx, stop - start), _gather(v, idx, stop - start)
         a = torch.softmax(attention_scores(form, q[:, :, start:stop], kwin, table, bias_c), dim=-1)
         outs.append((a.sum(dim=3) if form == "paper" else a) @ vwin)
@@ -205,34 +239,35 @@ class WindowAttention(torch.autograd.Function):
     """Autograd function over all chunks of one layer (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, table, form, index, bias, row_outside, n, p_drop):
-        seeds = _seeds(q, n, p_drop)
-        out = _run_chunks(q, k, v, table, form, index, bias, row_outside, n, p_drop, seeds)
+    def forward(ctx, q, k, v, table, plan: AttentionPlan):
+        seeds = _seeds(q, plan)
+        out = _run_chunks(q, k, v, table, plan, seeds)
         ctx.save_for_backward(q, k, v, table)
-        ctx.meta = (form, index, bias, row_outside, n, p_drop, seeds)
+        ctx.plan, ctx.seeds = plan, seeds
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, table = ctx.saved_tensors
-        dq, dk, dv, dtable = _attention_backward(q, k, v, table, *ctx.meta, dout)
-        return dq, dk, dv, dtable, None, None, None, None, None, None
+        dq, dk, dv, dtable = _attention_backward(q, k, v, table, ctx.plan, ctx.seeds, dout)
+        return dq, dk, dv, dtable, None
 
 
-def _attention_backward(q, k, v, table, form, index, bias, row_outside, n, p_drop, seeds, dout):
+def _attention_backward(q, k, v, table, plan: AttentionPlan, seeds: list[int], dout):
     """Gradients ``(dq, dk, dv, dtable)`` of a whole layer's attention, chunk by chunk (on the CPU
     by the fused kernel, like :func:`_run_chunks`)."""
     if fused_attention.usable(q):
-        return fused_attention.backward(form, q, k, v, table, index, bias, p_drop, seeds[0] if seeds else 0, dout)
+        return fused_attention.backward(q, k, v, table, plan, seeds[0] if seeds else 0, dout)
+    form, index = plan.form, plan.index
     dq, dk, dv, dtable = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(table)
     dout = dout.contiguous()
     ws = _Workspace(q)
     b, nh, _, gk, d = k.shape
-    for (start, stop), seed in zip(_chunks(q.shape[2], n), seeds):
+    for (start, stop), seed in zip(_chunks(q.shape[2], plan.chunk), seeds):
         idx = index[start:stop].reshape(-1)
-        bias_c = bias[start:stop] if bias is not None and any(row_outside[start:stop]) else None
+        bias_c = plan.chunk_bias(start, stop)
         kwin, vwin = _gather_into(ws, "kwin", k, idx, stop - start), _gather_into(ws, "vwin", v, idx, stop - start)
-        dqc, dkwin, dvwin = _chunk_backward(ws, form, q[:, :, start:stop], kwin, vwin, table, bias_c, p_drop,
+        dqc, dkwin, dvwin = _chunk_backward(ws, form, q[:, :, start:stop], kwin, vwin, table, bias_c, plan.p_drop,
                                             seed, dout[:, :, start:stop], dtable)
         dq[:, :, start:stop] = dqc
         dk.index_add_(2, idx, dkwin.view(b, nh, -1, gk, d))
@@ -258,24 +293,23 @@ class ProjectedWindowAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, table, project, form, index, bias, row_outside, n, p_drop, *params):
+    def forward(ctx, x, table, project, plan: AttentionPlan, *params):
         device_type = x.device.type
         ctx.autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         q, k, v = _kernel_dtype(ctx.autocast[0], *project(x, *params))
-        seeds = _seeds(q, n, p_drop)
+        seeds = _seeds(q, plan)
         with torch.autocast(device_type, enabled=False):
-            out = _run_chunks(q, k, v, _kernel_dtype(ctx.autocast[0], table)[0], form, index, bias, row_outside, n,
-                              p_drop, seeds)
+            out = _run_chunks(q, k, v, _kernel_dtype(ctx.autocast[0], table)[0], plan, seeds)
         ctx.save_for_backward(x, table, *params)
         ctx.project = project
-        ctx.meta = (form, index, bias, row_outside, n, p_drop, seeds)
+        ctx.plan, ctx.seeds = plan, seeds
         return out
 
     @staticmethod
     def backward(ctx, dout):
         x, table, *params = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        wants = (needs[0], *needs[9:])
+        wants = (needs[0], *needs[4:])  # x, then params (after table, project, plan)
         leaves = [t.detach().requires_grad_(want) for t, want in zip((x, *params), wants)]
         device_type = x.device.type
         enabled, dtype = ctx.autocast
@@ -283,13 +317,13 @@ class ProjectedWindowAttention(torch.autograd.Function):
             q, k, v = ctx.project(*leaves)
         with torch.autocast(device_type, enabled=False):
             qf, kf, vf, tablef, doutf = _kernel_dtype(enabled, q.detach(), k.detach(), v.detach(), table, dout)
-            dq, dk, dv, dtable = _attention_backward(qf, kf, vf, tablef, *ctx.meta, doutf)
+            dq, dk, dv, dtable = _attention_backward(qf, kf, vf, tablef, ctx.plan, ctx.seeds, doutf)
         wanted = [leaf for leaf in leaves if leaf.requires_grad]
         grads = iter(torch.autograd.grad((q, k, v), wanted, (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)),
                                          allow_unused=True) if wanted else ())
         dx, *dparams = [next(grads) if leaf.requires_grad else None for leaf in leaves]
         dtable = dtable.to(table.dtype) if needs[1] else None
-        return (dx, dtable, None, None, None, None, None, None, None, *dparams)
+        return (dx, dtable, None, None, *dparams)
 
 
 def _chunk_backward(ws, form, qc, kwin, vwin, table, bias, p_drop, seed, doutc, dtable):
@@ -331,7 +365,7 @@ def _chunk_backward(ws, form, qc, kwin, vwin, table, bias, p_drop, seed, doutc, 
     return dq, dkwin, dvwin
 
 
-def window_attention(form, q, k, v, table, index, bias, row_outside, n, p_drop=0.0):
+def window_attention(q, k, v, table, plan: AttentionPlan) -> torch.Tensor:
     """Windowed attention of a whole layer, ``[B, nh, X, G, d]``; differentiable in q, k, v, table.
 
     Under autocast the kernel runs in float32 (scores, softmax, sums over orientations and the
@@ -341,17 +375,16 @@ def window_attention(form, q, k, v, table, index, bias, row_outside, n, p_drop=0
     device_type = q.device.type
     if torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):
-            return window_attention(form, q.float(), k.float(), v.float(), table.float(), index, bias,
-                                    row_outside, n, p_drop)
+            return window_attention(q.float(), k.float(), v.float(), table.float(), plan)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, table)):
-        return WindowAttention.apply(q, k, v, table, form, index, bias, row_outside, n, p_drop)
-    return inference_attention(form, q, k, v, table, index, bias, row_outside, n, p_drop)
+        return WindowAttention.apply(q, k, v, table, plan)
+    return inference_attention(q, k, v, table, plan)
 
 
-def projected_window_attention(form, x, params, project, table, index, bias, row_outside, n, p_drop=0.0):
-    """``window_attention(form, *project(x, *params), table, ...)``; when gradients are needed, as
+def projected_window_attention(x, params, project, table, plan: AttentionPlan) -> torch.Tensor:
+    """``window_attention(*project(x, *params), table, plan)``; when gradients are needed, as
     :class:`ProjectedWindowAttention` (saves ``x`` and ``params``, recomputes ``q, k, v`` backward)."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, table, *params)):
-        return ProjectedWindowAttention.apply(x, table, project, form, index, bias, row_outside, n, p_drop, *params)
+        return ProjectedWindowAttention.apply(x, table, project, plan, *params)
     q, k, v = project(x, *params)
-    return window_attention(form, q, k, v, table, index, bias, row_outside, n, p_drop)
+    return window_attention(q, k, v, table, plan)

@@ -15,6 +15,10 @@ the source (older builds stay in the cache until removed). ``GSA_FUSED_ATTENTION
 ``auto`` (default: use it when it builds, else warn once and use the chunked kernel), ``1`` (must
 build, else raise), ``0`` (never). GPUs, graph capture (ONNX export, ``torch.compile``) and dtypes
 other than float32/float64 use the chunked kernel.
+
+The kernel's memory layouts are known here only: it reads keys and values as ``[B, nh, d, N G']``
+(:func:`padded_keys` lays the layers' out so, in the copy that pads them anyway) and writes its
+output over ``[B, X, G, nh, d]`` memory, so that merging the heads after it is a view.
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["load", "usable", "forward", "backward", "MODES"]
+from training.attention_plan import AttentionPlan
+
+__all__ = ["load", "usable", "forward", "backward", "padded_keys", "MODES"]
 
 MODES = ("auto", "1", "0")
 SOURCE = Path(__file__).resolve().parent / "csrc" / "window_attention.cpp"
@@ -123,17 +130,34 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def forward(form, q, k, v, table, index, bias, p_drop: float, seed: int) -> torch.Tensor:
-    """``[B, nh, X, G, d]``, the chunked kernel's output (same arguments, one dropout seed), laid out
-    in memory as ``[B, X, G, nh, d]``. ``q`` (and backward ``dout``) may be any view whose head
-    dim is contiguous, such as the layers' permuted projections."""
-    return load().forward(_rows(q), k, v, table.contiguous(), index.contiguous(),
-                          _bias(bias, q), form == "paper", float(p_drop), int(seed))
+def padded_keys(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """Keys or values zero-padded by ``pad`` on every side, laid out in memory as the kernel reads
+    them, ``[B, nh, d, Hp Wp, G]`` (any other layout costs the kernel a copy).
+
+    Args:
+        t: ``[B, H, W, G, nh, d]``.
+        pad: rows and columns of zeros added on every side.
+
+    Returns:
+        ``[B, nh, Hp Wp, G, d]`` (a permuted view).
+    """
+    b, _, _, g, nh, d = t.shape
+    t = t.permute(0, 4, 5, 1, 2, 3)  # B, nh, d, H, W, G: padded and laid out in one copy
+    t = (F.pad(t, (0, 0, pad, pad, pad, pad)) if pad else t).contiguous()  # B, nh, d, Hp, Wp, G
+    return t.view(b, nh, d, -1, g).permute(0, 1, 3, 4, 2)  # B, nh, Hp Wp, G, d
 
 
-def backward(form, q, k, v, table, index, bias, p_drop: float, seed: int, dout):
+def forward(q, k, v, table, plan: AttentionPlan, seed: int) -> torch.Tensor:
+    """``[B, nh, X, G, d]``, the chunked kernel's output (same arguments, one dropout seed for the
+    whole layer, no chunks), laid out in memory as ``[B, X, G, nh, d]``. ``q`` (and backward
+    ``dout``) may be any view whose head dim is contiguous, such as the layers' permuted projections."""
+    return load().forward(_rows(q), k, v, table.contiguous(), plan.index.contiguous(),
+                          _bias(plan.bias, q), plan.form == "paper", float(plan.p_drop), int(seed))
+
+
+def backward(q, k, v, table, plan: AttentionPlan, seed: int, dout):
     """``(dq, dk, dv, dtable)`` for ``dout``; the dropout masks of :func:`forward` with ``seed``."""
     dq, dk, dv, dtable = load().backward(_rows(q), k, v, table.contiguous(),
-                                         index.contiguous(), _bias(bias, q), form == "paper", float(p_drop),
-                                         int(seed), _rows(dout))
+                                         plan.index.contiguous(), _bias(plan.bias, q), plan.form == "paper",
+                                         float(plan.p_drop), int(seed), _rows(dout))
     return dq, dk, dv, dtable

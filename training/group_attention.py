@@ -16,50 +16,34 @@ positions, P window offsets, J = P G' keys per query, nh heads, d head dim.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from training.attention_base import DEFAULT_CHUNK_ELEMENTS, WindowedAttention
+from training.attention_base import WindowedAttention
+from training.attention_plan import FORMS
 from training.encoding import GroupPositionalEncoding
-from training.groups import Group
 
 __all__ = ["GroupSelfAttention", "FORMS"]
-
-FORMS = ("paper", "aligned")
 
 
 class GroupSelfAttention(WindowedAttention):
     """Group self-attention, local (odd window) or global, multi-head, paper or aligned form.
 
-    Input ``[B, H, W, G, C]`` (channels last), output ``[B, H', W', G, out_dim]``. See
-    :class:`training.attention_base.WindowedAttention` for the shared arguments.
+    Input ``[B, H, W, G, C]`` (channels last), output ``[B, H', W', G, out_dim]``. Keyword-only
+    arguments: ``form`` and those of :class:`training.attention_base.WindowedAttention`.
 
     Args:
         form: ``"paper"`` (sum over query orientations) or ``"aligned"``.
+        **kwargs: the arguments of :class:`training.attention_base.WindowedAttention`.
     """
 
-    def __init__(
-        self,
-        in_dim: int,
-        out_dim: int,
-        num_heads: int,
-        head_dim: int,
-        group: Group,
-        kernel_size: int | None = 5,
-        max_size: int | None = None,
-        window: str = "auto",
-        crop: int = 0,
-        attn_drop: float = 0.0,
-        form: str = "paper",
-        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-    ):
+    def __init__(self, *, form: str = "paper", **kwargs: Any) -> None:
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-        super().__init__(
-            in_dim, out_dim, num_heads, head_dim, group, kernel_size, max_size, window, crop, attn_drop, chunk_elements
-        )
+        super().__init__(**kwargs)
         self.form = form
-        self.pos_enc = GroupPositionalEncoding(head_dim, group, self.offsets)
-        self.frozen_table: torch.Tensor | None = None
+        self.pos_enc = GroupPositionalEncoding(self.head_dim, self.group, self.offsets)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", form={self.form}"

@@ -8,11 +8,12 @@ nh heads, d head dim.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from training.attention_base import DEFAULT_CHUNK_ELEMENTS, WindowedAttention
+from training.attention_base import WindowedAttention
 from training.encoding import LiftingPositionalEncoding
-from training.groups import Group
 
 __all__ = ["LiftingSelfAttention"]
 
@@ -21,28 +22,13 @@ class LiftingSelfAttention(WindowedAttention):
     """Lifting self-attention, local (odd window) or global, multi-head.
 
     Input ``[B, H, W, C]`` (channels last), output ``[B, H', W', G, out_dim]`` with
-    ``H' = H - 2 crop``. See :class:`training.attention_base.WindowedAttention` for the arguments.
+    ``H' = H - 2 crop``. The arguments (keyword-only) are those of
+    :class:`training.attention_base.WindowedAttention`.
     """
 
-    def __init__(
-        self,
-        in_dim: int,
-        out_dim: int,
-        num_heads: int,
-        head_dim: int,
-        group: Group,
-        kernel_size: int | None = 5,
-        max_size: int | None = None,
-        window: str = "auto",
-        crop: int = 0,
-        attn_drop: float = 0.0,
-        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-    ):
-        super().__init__(
-            in_dim, out_dim, num_heads, head_dim, group, kernel_size, max_size, window, crop, attn_drop, chunk_elements
-        )
-        self.pos_enc = LiftingPositionalEncoding(head_dim, group, self.offsets)
-        self.frozen_table: torch.Tensor | None = None
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pos_enc = LiftingPositionalEncoding(self.head_dim, self.group, self.offsets)
 
     def encoding_table(self) -> torch.Tensor:
         """``[d, G P]``: the group-expanded encoding laid out for one GEMM (constant once frozen)."""

@@ -132,8 +132,9 @@ class GSANet(nn.Module):
         self.register_buffer("std", torch.tensor(cfg.std).view(1, -1, 1, 1), persistent=False)
         self.input_drop = nn.Dropout(cfg.input_drop)
         self.lifting = LiftingSelfAttention(
-            cfg.in_chans, cfg.dim, cfg.num_heads, cfg.dim // 2, group, cfg.kernel_size, max_size,
-            cfg.window, 0, cfg.attn_drop, cfg.chunk_elements,
+            dim=cfg.in_chans, out_dim=cfg.dim, num_heads=cfg.num_heads, head_dim=cfg.dim // 2, group=group,
+            kernel_size=cfg.kernel_size, max_size=max_size, window=cfg.window, crop=0, attn_drop=cfg.attn_drop,
+            chunk_elements=cfg.chunk_elements,
         )
         self.lifting_norm = nn.LayerNorm(cfg.dim)
         self.act = act_layer()
@@ -144,8 +145,9 @@ class GSANet(nn.Module):
             for _ in range(depth):
                 crop = next(crops)
                 attn = GroupSelfAttention(
-                    dim, out_dim, cfg.num_heads, out_dim // 2, group, cfg.kernel_size, max_size,
-                    cfg.window, crop, cfg.attn_drop, cfg.form, cfg.chunk_elements,
+                    dim=dim, out_dim=out_dim, num_heads=cfg.num_heads, head_dim=out_dim // 2, group=group,
+                    kernel_size=cfg.kernel_size, max_size=max_size, window=cfg.window, crop=crop,
+                    attn_drop=cfg.attn_drop, form=cfg.form, chunk_elements=cfg.chunk_elements,
                 )
                 layers.append(TransformerBlock(dim, out_dim, attn, act_layer, cfg.value_drop))
                 if cfg.norm_between_layers:

@@ -6,6 +6,7 @@ import torch
 
 from training.attention_kernels import (WindowAttention, _gather, _mask_into, _traceable_attention, _Workspace,
                                         attention_scores)
+from training.attention_plan import AttentionPlan
 from training.group_attention import GroupSelfAttention
 from training.groups import get_group
 from training.lifting import LiftingSelfAttention
@@ -46,7 +47,11 @@ def _inputs(form, gq, g, size=6, kernel=5, crop=0):
     j = p * gq
     shape = (d, g * j) if form == "paper" else (g, d, j)
     table = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-    return q, k, v, table, index, bias, outside.any(dim=1).tolist()
+    return q, k, v, table, index, bias, tuple(outside.any(dim=1).tolist())
+
+
+def _plan(form, index, bias, rows, chunk, p_drop=0.0):
+    return AttentionPlan(form=form, index=index, bias=bias, row_outside=rows, chunk=chunk, p_drop=p_drop)
 
 
 # (form, query orientations, output orientations): lifting is the paper kernel with Gq = 1
@@ -57,7 +62,7 @@ KERNEL_CASES = [("paper", 4, 4), ("paper", 1, 8), ("aligned", 4, 4), ("paper", 8
 @pytest.mark.parametrize("chunk", [1, 7, 1000])
 def test_hand_written_backward_matches_autograd(form, gq, g, chunk, attention_kernel):
     q, k, v, table, index, bias, rows = _inputs(form, gq, g)
-    out = WindowAttention.apply(q, k, v, table, form, index, bias, rows, chunk, 0.0)
+    out = WindowAttention.apply(q, k, v, table, _plan(form, index, bias, rows, chunk))
     ref = _reference(form, q, k, v, table, index, bias)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     grad_out = torch.randn_like(out)
@@ -70,10 +75,11 @@ def test_hand_written_backward_matches_autograd(form, gq, g, chunk, attention_ke
 @pytest.mark.parametrize("form,gq,g", [("paper", 2, 2), ("aligned", 2, 2)])
 def test_backward_with_attention_dropout_passes_gradcheck(form, gq, g, attention_kernel):
     q, k, v, table, index, bias, rows = _inputs(form, gq, g, size=4, kernel=3)
+    plan = _plan(form, index, bias, rows, 5, p_drop=0.3)
 
     def fn(q, k, v, table):
         torch.manual_seed(5)  # the same masks on every call
-        return WindowAttention.apply(q, k, v, table, form, index, bias, rows, 5, 0.3)
+        return WindowAttention.apply(q, k, v, table, plan)
 
     small = [t.detach()[:1, :1].clone().requires_grad_() for t in (q, k, v)] + [table]
     assert torch.autograd.gradcheck(fn, tuple(small), eps=1e-6, atol=1e-5)
@@ -107,7 +113,8 @@ def test_dropout_mask_is_unbiased_reproducible_and_uncorrelated(p):
 def test_output_does_not_depend_on_chunk_size(form, monkeypatch):
     monkeypatch.setenv("GSA_FUSED_ATTENTION", "0")  # the fused kernel has no chunks
     torch.manual_seed(0)
-    layer = GroupSelfAttention(6, 8, 2, 5, get_group("R4"), 5, form=form).eval()
+    layer = GroupSelfAttention(dim=6, out_dim=8, num_heads=2, head_dim=5, group=get_group("R4"), kernel_size=5,
+                               form=form).eval()
     x = torch.randn(2, 9, 9, 4, 6)
     with torch.no_grad():
         layer.chunk_elements = 1
@@ -141,9 +148,11 @@ def test_every_parameter_gets_a_finite_gradient(name, form, attention_kernel):
 
 def _layer(kind, form="paper", attn_drop=0.0):
     if kind == "lifting":
-        return LiftingSelfAttention(3, 6, 2, 4, get_group("R4"), 3, crop=1, attn_drop=attn_drop)
-    return GroupSelfAttention(3, 6, 2, 6, get_group("R4M" if kind == "group-r4m" else "R4"), 5, crop=1,
-                              form=form, attn_drop=attn_drop)
+        return LiftingSelfAttention(dim=3, out_dim=6, num_heads=2, head_dim=4, group=get_group("R4"), kernel_size=3,
+                                    crop=1, attn_drop=attn_drop)
+    group = get_group("R4M" if kind == "group-r4m" else "R4")
+    return GroupSelfAttention(dim=3, out_dim=6, num_heads=2, head_dim=6, group=group, kernel_size=5, crop=1, form=form,
+                              attn_drop=attn_drop)
 
 
 def _layer_reference(layer, x):
@@ -153,8 +162,8 @@ def _layer_reference(layer, x):
     b, h, w, g = xin.shape[:4]
     q, k, v = layer.project(xin)
     index, bias, _, rows = layer.geometry(h, w, x.device)
-    out = _traceable_attention("paper" if lifting else layer.form, q, k, v, layer.encoding_table(), index, bias,
-                               rows, 7)
+    plan = _plan("paper" if lifting else layer.form, index, bias, rows, 7)
+    out = _traceable_attention(q, k, v, layer.encoding_table(), plan)
     hc = h - 2 * layer.crop
     out = out.permute(0, 2, 3, 1, 4).reshape(b, hc * hc, out.shape[3], -1)
     return layer.proj(out).view(b, hc, hc, out.shape[2], layer.out_dim)
@@ -216,8 +225,8 @@ def test_bf16_autocast_recomputes_the_projections_in_bf16():
         index, bias, _, rows = layer.geometry(7, 7, x.device)
         table = layer.encoding_table()  # the encoding MLP under autocast, as in the layer
         with torch.autocast("cpu", enabled=False):
-            att = WindowAttention.apply(q.float(), k.float(), v.float(), table.float(), "paper", index, bias, rows,
-                                        1000, 0.0)
+            att = WindowAttention.apply(q.float(), k.float(), v.float(), table.float(),
+                                        _plan("paper", index, bias, rows, 1000))
         ref = layer.proj(att.permute(0, 2, 3, 1, 4).reshape(2, 25, 4, -1)).view(2, 5, 5, 4, 6)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     theirs = torch.autograd.grad(ref.float().square().sum(), (x, layer.query.weight, layer.key.weight))
@@ -230,7 +239,7 @@ def test_wrong_channel_count_is_named():
     model = create_model("gsa_tiny_r4")
     with pytest.raises(ValueError, match="expected 1 input channels, got 3"):
         model(torch.rand(1, 3, 16, 16))
-    layer = GroupSelfAttention(6, 8, 2, 5, get_group("R4"), 3)
+    layer = GroupSelfAttention(dim=6, out_dim=8, num_heads=2, head_dim=5, group=get_group("R4"), kernel_size=3)
     with pytest.raises(ValueError, match="expects 6 input channels, got 5"):
         layer(torch.rand(1, 9, 9, 4, 5))
     with pytest.raises(ValueError, match=r"group axis of 4 \(R4\), got 8"):
@@ -241,13 +250,14 @@ def test_non_square_input_is_rejected():
     with pytest.raises(ValueError, match="square"):
         create_model("gsa_tiny_r4")(torch.rand(1, 1, 16, 18))
     with pytest.raises(ValueError, match="square input"):
-        LiftingSelfAttention(1, 8, 2, 4, get_group("R4"), 3)(torch.rand(1, 9, 11, 1))
+        LiftingSelfAttention(dim=1, out_dim=8, num_heads=2, head_dim=4, group=get_group("R4"),
+                             kernel_size=3)(torch.rand(1, 9, 11, 1))
 
 
 @pytest.mark.parametrize("kernel", [4, 0, -3])
 def test_even_or_empty_window_is_rejected(kernel):
     with pytest.raises(ValueError, match="positive odd integer"):
-        GroupSelfAttention(6, 8, 2, 5, get_group("R4"), kernel)
+        GroupSelfAttention(dim=6, out_dim=8, num_heads=2, head_dim=5, group=get_group("R4"), kernel_size=kernel)
 
 
 def test_unknown_group_and_bad_configs_are_rejected():
@@ -261,3 +271,35 @@ def test_unknown_group_and_bad_configs_are_rejected():
         create_model("gsa_rotmnist_r4", img_size=12)
     with pytest.raises(ValueError, match="form must be one of"):
         create_model("gsa_rotmnist_r4", form="fast")
+
+
+@pytest.mark.parametrize("cls", [LiftingSelfAttention, GroupSelfAttention])
+def test_layer_arguments_are_keyword_only_and_checked(cls):
+    """One keyword-only signature (WindowedAttention's): positional or unknown arguments raise,
+    rather than landing in the wrong parameter or being swallowed."""
+    args = dict(dim=3, out_dim=6, num_heads=2, head_dim=4, group=get_group("R4"), kernel_size=3)
+    assert cls(**args).dim == 3
+    with pytest.raises(TypeError):
+        cls(3, 6, 2, 4, get_group("R4"), 3)
+    with pytest.raises(TypeError, match="in_dim"):
+        cls(in_dim=3, **{k: v for k, v in args.items() if k != "dim"})
+    with pytest.raises(TypeError, match="drop_path"):
+        cls(**args, drop_path=0.1)
+
+
+def test_attention_plan_is_frozen_and_checked():
+    index = torch.zeros(4, 9, dtype=torch.long)
+    plan = AttentionPlan(form="aligned", index=index, bias=None, row_outside=[False] * 4, chunk=2)
+    assert plan.row_outside == (False,) * 4 and plan.p_drop == 0.0 and plan.chunk_bias(0, 4) is None
+    with pytest.raises(AttributeError):
+        plan.chunk = 3
+    with pytest.raises(ValueError, match="form must be one of"):
+        AttentionPlan(form="fast", index=index, bias=None, row_outside=(False,) * 4, chunk=2)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        AttentionPlan(form="paper", index=index, bias=None, row_outside=(False,) * 4, chunk=0)
+    with pytest.raises(ValueError, match="3 entries for 4 query positions"):
+        AttentionPlan(form="paper", index=index, bias=None, row_outside=(False,) * 3, chunk=2)
+    bias = torch.zeros(4, 9)
+    plan = AttentionPlan(form="paper", index=index, bias=bias, row_outside=(False, True, False, False), chunk=2)
+    assert plan.chunk_bias(2, 4) is None
+    assert torch.equal(plan.chunk_bias(0, 2), bias[:2])

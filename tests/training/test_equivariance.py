@@ -27,11 +27,13 @@ def _seed():
 
 
 def _lifting(group, kernel_size, crop, window, size=9):
-    return LiftingSelfAttention(3, 8, 2, 5, group, kernel_size, size, window, crop).eval()
+    return LiftingSelfAttention(dim=3, out_dim=8, num_heads=2, head_dim=5, group=group, kernel_size=kernel_size,
+                                max_size=size, window=window, crop=crop).eval()
 
 
 def _group_layer(group, kernel_size, crop, window, form, size=9):
-    return GroupSelfAttention(6, 8, 2, 5, group, kernel_size, size, window, crop, form=form).eval()
+    return GroupSelfAttention(dim=6, out_dim=8, num_heads=2, head_dim=5, group=group, kernel_size=kernel_size,
+                              max_size=size, window=window, crop=crop, form=form).eval()
 
 
 @pytest.mark.parametrize("kernel_size,crop,window,size", GEOMETRIES, ids=GEOMETRY_IDS)
@@ -55,7 +57,7 @@ def test_group_layer_is_equivariant(group_name, kernel_size, crop, window, size,
 @pytest.mark.parametrize("group_name", GROUP_NAMES)
 def test_blocks_are_equivariant(group_name):
     group = get_group(group_name)
-    attn = GroupSelfAttention(6, 12, 2, 6, group, 3, crop=1)
+    attn = GroupSelfAttention(dim=6, out_dim=12, num_heads=2, head_dim=6, group=group, kernel_size=3, crop=1)
     block = TransformerBlock(6, 12, attn).eval()
     assert layer_equivariance_error(block, torch.randn(2, 9, 9, group.order, 6), group, lifting=False) < TOL
     pool = GroupMaxPool()
