@@ -195,7 +195,8 @@ def test_graceful_shutdown_finishes_in_flight_requests(model_repo):
     try:
         batcher = server.app.state.server.get(TINY).batcher
         real = batcher._run
-        batcher._run = lambda images: (time.sleep(0.5), real(images))[1]
+        computing = threading.Event()
+        batcher._run = lambda images: (computing.set(), time.sleep(0.5), real(images))[2]
         result = {}
 
         def call():
@@ -203,7 +204,7 @@ def test_graceful_shutdown_finishes_in_flight_requests(model_repo):
 
         t = threading.Thread(target=call)
         t.start()
-        time.sleep(0.15)  # the request is computing
+        assert computing.wait(20)  # the request is computing (waited for: a loaded machine is slow to connect)
         server.server.should_exit = True
         t.join(10)
         assert result["r"].status_code == 200

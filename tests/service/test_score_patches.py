@@ -142,7 +142,7 @@ def test_embeddings_file_is_keyed_and_invariant(path_model_repo, pcam, tmp_path)
     feats = {}
     for name in ("up", "turned"):
         out = tmp_path / f"out_{name}"
-        assert run_cli(path_model_repo, out, str(tmp_path / f"{name}.npy"), "--embeddings", "full") == 0
+        assert run_cli(path_model_repo, out, str(tmp_path / f"{name}.npy"), "--embeddings", "full", "--fit", "crop") == 0
         with h5py.File(out / "embeddings.h5") as f:
             feats[name] = (f["features"][:], f["features_per_element"][:], [i.decode() for i in f["ids"][:]])
             assert f.attrs["model"] == PATH_MODEL and f.attrs["group"] == "R4"
@@ -164,6 +164,6 @@ def test_embeddings_need_a_model_with_features(path_model_repo, pcam, tmp_path, 
     del card["outputs"]["features"]
     card_path.write_text(json.dumps(card))
     np.save(tmp_path / "x.npy", pcam["x"][:2])
-    assert run_cli(repo, tmp_path / "o", str(tmp_path / "x.npy"), "--embeddings", "invariant") == 2
+    assert run_cli(repo, tmp_path / "o", str(tmp_path / "x.npy"), "--embeddings", "invariant", "--fit", "crop") == 2
     assert "exported without features" in capsys.readouterr().err
-    assert run_cli(repo, tmp_path / "o2", str(tmp_path / "x.npy")) == 0
+    assert run_cli(repo, tmp_path / "o2", str(tmp_path / "x.npy"), "--fit", "crop") == 0
