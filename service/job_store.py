@@ -144,7 +144,8 @@ class JobStore:
             current = con.execute("PRAGMA user_version").fetchone()[0]
             if current > SCHEMA_VERSION:
                 con.execute("ROLLBACK")
-                raise RuntimeError(f"{DB_FILE} has schema version {current}, newer than this service's {SCHEMA_VERSION}")
+                raise RuntimeError(f"{DB_FILE} has schema version {current}, "
+                                   f"newer than this service's {SCHEMA_VERSION}")
             for version, statements in MIGRATIONS:
                 if version > current:
                     for sql in statements:
@@ -193,7 +194,8 @@ class JobStore:
                 con.execute("UPDATE jobs SET state = ?, data = ?, worker = ?, heartbeat = ? WHERE id = ?",
                             (job.state.value, job.to_record(), worker, time.time(), job.id))
             else:
-                con.execute("UPDATE jobs SET state = ?, data = ? WHERE id = ?", (job.state.value, job.to_record(), job.id))
+                con.execute("UPDATE jobs SET state = ?, data = ? WHERE id = ?",
+                            (job.state.value, job.to_record(), job.id))
             row = con.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job.id,)).fetchone()
         return bool(row and row[0])
 
@@ -261,7 +263,8 @@ class JobStore:
             job = Job.from_dict(json.loads(row[0]))
             if job.state is JobState.QUEUED:
                 cancel_queued(job)
-                con.execute("UPDATE jobs SET state = ?, data = ? WHERE id = ?", (job.state.value, job.to_record(), job.id))
+                con.execute("UPDATE jobs SET state = ?, data = ? WHERE id = ?",
+                            (job.state.value, job.to_record(), job.id))
             elif job.state is JobState.RUNNING:
                 con.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job.id,))
         return job
@@ -274,7 +277,8 @@ class JobStore:
         with self._tx() as con:
             con.execute(f"UPDATE jobs SET heartbeat = ? WHERE worker = ? AND id IN ({marks})",
                         (time.time(), worker, *job_ids))
-            rows = con.execute(f"SELECT id FROM jobs WHERE cancel_requested = 1 AND id IN ({marks})", job_ids).fetchall()
+            rows = con.execute(f"SELECT id FROM jobs WHERE cancel_requested = 1 AND id IN ({marks})",
+                               job_ids).fetchall()
         return {r[0] for r in rows}
 
     def recover(self, is_orphan: Callable[[str | None, float | None], bool], fix: Callable[[Job], None]) -> list[Job]:

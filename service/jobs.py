@@ -138,7 +138,7 @@ class JobManager:
                 job.notes.append(f"interrupted by a service restart at {stamp}; resumes from its last checkpoint")
 
         for job in self.store.recover(self._is_orphan, fix):
-            log.info("job %s %s after its worker stopped", job.id, "requeued" if job.state is JobState.QUEUED else "failed")
+            log.info("job %s %s after its worker stopped", job.id, job.state.value)
             self._wake.set()
 
     def stop(self, timeout_s: float = 30.0) -> None:

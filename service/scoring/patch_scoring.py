@@ -295,10 +295,12 @@ def score_patches(
         results.insert(1, "summary.json")
     meta = {
         "kind": "patches", "service_version": __version__, "model": model_info(model),
-        "source": {"path": source_name or Path(path).name, "kind": patches.kind, "count": n, "labelled": patches.labels is not None},
+        "source": {"path": source_name or Path(path).name, "kind": patches.kind, "count": n,
+                   "labelled": patches.labels is not None},
         "options": {**asdict(options), "labels_path": Path(options.labels_path).name if options.labels_path else None},
         "counts": {"patches": n, "scored": n},
-        "timing": {"resumed_from": checkpoint.resumed_from if checkpoint is not None else 0, "total_s": round(time.perf_counter() - t0, 3), "scoring": stats.as_dict()},
+        "timing": {"resumed_from": checkpoint.resumed_from if checkpoint is not None else 0,
+                   "total_s": round(time.perf_counter() - t0, 3), "scoring": stats.as_dict()},
         "summary": summ, "results": results,
     }
     write_json(out_dir / "metadata.json", meta)

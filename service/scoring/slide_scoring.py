@@ -219,7 +219,8 @@ def score_slide(
                    "thumbnail_scale": mask.scale, "tissue_fraction": mask.tissue_fraction},
         "counts": {"grid_tiles": plan.count, "tissue_tiles": n, "scored_tiles": n,
                    "skipped_tiles": plan.count - n},
-        "timing": {"resumed_from": checkpoint.resumed_from if checkpoint is not None else 0,"total_s": round(time.perf_counter() - t_start, 3), "tissue_s": round(t_mask, 3),
+        "timing": {"resumed_from": checkpoint.resumed_from if checkpoint is not None else 0,
+                   "total_s": round(time.perf_counter() - t_start, 3), "tissue_s": round(t_mask, 3),
                    "scoring": stats.as_dict(), "writing_s": round(time.perf_counter() - t_write, 3)},
         "results": results,
     }
@@ -240,7 +241,8 @@ def _write_slide_results(
     labels = card.labels
     side = plan.tile_level0
     angles = [e.angle for e in card.elements]
-    with atomic_open(out_dir / "tiles.csv", newline="") as f, GeoJSONWriter(out_dir / "tiles.geojson", labels, card.sha256) as geo:
+    with (atomic_open(out_dir / "tiles.csv", newline="") as f,
+          GeoJSONWriter(out_dir / "tiles.geojson", labels, card.sha256) as geo):
         w = csv_writer(f)
         w.writerow(["col", "row", "minx", "miny", "width", "height", "tissue_fraction",
                     *(f"prob_{name}" for name in labels), "predicted", "dominant_orientation_deg"])
