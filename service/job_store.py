@@ -209,9 +209,9 @@ class JobStore:
             con.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     def page(self, limit: int, cursor: str | None = None, offset: int = 0, owner: str | None = None,
-             state: str | None = None) -> Page:
-        """Jobs oldest first, ``limit`` of them after ``cursor`` (or skipping ``offset``); only the
-        ``owner``'s when one is given, only those in ``state`` when given."""
+             state: str | None = None, newest_first: bool = False) -> Page:
+        """Jobs oldest (or newest) first, ``limit`` of them after ``cursor`` (or skipping ``offset``);
+        only the ``owner``'s when one is given, only those in ``state`` when given."""
         where, args = [], []
         if owner is not None:
             where.append("owner = ?")
@@ -221,10 +221,12 @@ class JobStore:
             args.append(state)
         if cursor is not None:
             created, job_id = _decode_cursor(cursor)
-            where.append("(created_at > ? OR (created_at = ? AND id > ?))")
+            op = "<" if newest_first else ">"
+            where.append(f"(created_at {op} ? OR (created_at = ? AND id {op} ?))")
             args += [created, created, job_id]
         sql = "SELECT data FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY created_at, id LIMIT ? OFFSET ?"
+        sql += " ORDER BY created_at DESC, id DESC" if newest_first else " ORDER BY created_at, id"
+        sql += " LIMIT ? OFFSET ?"
         with self._connect() as con:
             rows = con.execute(sql, (*args, limit + 1, offset if cursor is None else 0)).fetchall()
         jobs = [Job.from_dict(json.loads(r[0])) for r in rows]

@@ -193,10 +193,10 @@ class JobManager:
         return job
 
     def list(self, limit: int = 50, cursor: str | None = None, offset: int = 0, principal: str | None = None,
-             state: str | None = None) -> Page:
-        """A page of jobs, oldest first (only the principal's when there is one)."""
+             state: str | None = None, newest_first: bool = False) -> Page:
+        """A page of jobs, oldest (or newest) first (only the principal's when there is one)."""
         try:
-            return self.store.page(limit, cursor, offset, principal, state)
+            return self.store.page(limit, cursor, offset, principal, state, newest_first)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
 

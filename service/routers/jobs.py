@@ -8,7 +8,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
@@ -221,10 +221,11 @@ async def list_jobs(
     cursor: str | None = Query(None, description="the 'next' of the previous page"),
     offset: int = Query(0, ge=0, description="jobs to skip (without a cursor)"),
     state: JobState | None = Query(None, description="only jobs in this state"),
+    order: Literal["asc", "desc"] = Query("asc", description="oldest (asc) or newest (desc) first"),
 ) -> JSONResponse:
     """The caller's jobs, oldest first, a page at a time (``next``: the cursor of the next page, or null)."""
     page = await asyncio.to_thread(_jobs(request).list, limit, cursor, offset, _principal(request),
-                                   state.value if state is not None else None)
+                                   state.value if state is not None else None, order == "desc")
     return JSONResponse({"jobs": [job_view(j) for j in page.jobs], "next": page.next})
 
 

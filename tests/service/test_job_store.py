@@ -125,6 +125,9 @@ def test_pagination_state_filter_and_ownership(path_model_repo, data_dir, tmp_pa
                 break
         assert ids == [_job(i).id for i in range(7)]
         assert [j["id"] for j in client.get("/v1/jobs?limit=2&offset=5").json()["jobs"]] == ids[5:]
+        newest = client.get("/v1/jobs?limit=4&order=desc").json()
+        later = client.get(f"/v1/jobs?limit=4&order=desc&cursor={newest['next']}").json()
+        assert [j["id"] for j in newest["jobs"] + later["jobs"]] == ids[::-1] and later["next"] is None
         assert [j["id"] for j in client.get("/v1/jobs?state=failed").json()["jobs"]] == [ids[3]]
         assert client.get("/v1/jobs?limit=501").status_code == 422
         assert client.get("/v1/jobs?cursor=bm9wZQ").status_code == 400
