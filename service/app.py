@@ -77,8 +77,12 @@ def _job_manager(settings: Settings, server: ModelServer) -> JobManager:
     def resolve_model(name: str, version: str | None):
         return server.get(name, version)  # Unavailable while loading: the job waits
 
+    def count_tiles(kind: str, count: int) -> None:
+        server.metrics.job_tiles.labels(kind).inc(count)
+
     return JobManager(settings.jobs_dir, resolve_model, settings.max_concurrent_jobs, settings.max_queued_jobs,
-                      settings.resume_jobs)
+                      settings.resume_jobs, data_dir=settings.data_dir, checkpoint_every=settings.job_checkpoint_tiles,
+                      lease_s=settings.job_lease_s, poll_s=settings.job_poll_s, on_tiles=count_tiles)
 
 
 def _count(request: Request, outcome: str) -> None:

@@ -15,7 +15,8 @@ from PIL import Image, UnidentifiedImageError
 from gsa_contract import ModelCard
 from service.errors import PayloadTooLarge, Unprocessable, UnsupportedMediaType
 
-__all__ = ["ImageLimits", "IMAGE_MEDIA_TYPES", "open_image", "load_pixels", "decode_image", "to_model_input"]
+__all__ = ["ImageLimits", "IMAGE_MEDIA_TYPES", "open_image", "load_pixels", "decode_image", "to_model_input",
+           "to_model_channels"]
 
 IMAGE_MEDIA_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/tiff": "TIFF"}
 UPLOAD_FORMATS = ("PNG", "JPEG", "TIFF")
@@ -93,18 +94,8 @@ def to_model_input(
     """``[H, W, C]`` -> the card's ``[height, width, channels]``. Greyscale is replicated to RGB
     (exact); RGB is turned grey only when its channels are equal or ``convert`` is asked; a wrong
     size is an error unless ``resize`` is asked (bilinear, aspect ratio not kept)."""
-    h, w, c = pixels.shape
-    if c != card.channels:
-        if c == 1:
-            pixels = np.repeat(pixels, card.channels, axis=2)
-        elif (pixels == pixels[:, :, :1]).all():
-            pixels = pixels[:, :, :1]
-        elif convert:
-            pixels = np.asarray(Image.fromarray(pixels).convert("L"), dtype=np.uint8)[:, :, None]
-        else:
-            raise Unprocessable(
-                f"{what} is RGB but model '{card.name}' takes greyscale; send greyscale or pass convert=true"
-            )
+    h, w, _ = pixels.shape
+    pixels = to_model_channels(pixels, card, convert, what)
     if (h, w) != (card.height, card.width):
         if not resize:
             raise Unprocessable(
@@ -116,3 +107,21 @@ def to_model_input(
         pixels = np.asarray(img.resize((card.width, card.height), Image.Resampling.BILINEAR), dtype=np.uint8)
         pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
     return np.ascontiguousarray(pixels)
+
+
+def to_model_channels(pixels: np.ndarray, card: ModelCard, convert: bool = False, what: str = "image") -> np.ndarray:
+    """``[..., H, W, C]`` -> the card's channels, by the rules of :func:`to_model_input`: greyscale
+    replicated to RGB; RGB made grey only when its channels are equal or ``convert`` is asked
+    (Pillow's "L", ITU-R 601 luma), else 422."""
+    c = pixels.shape[-1]
+    if c == card.channels:
+        return pixels
+    if c == 1:
+        return np.repeat(pixels, card.channels, axis=-1)
+    if (pixels == pixels[..., :1]).all():
+        return pixels[..., :1]
+    if not convert:
+        raise Unprocessable(f"{what} is RGB but model '{card.name}' takes greyscale; send greyscale or pass convert=true")
+    flat = pixels.reshape(-1, *pixels.shape[-3:])
+    grey = np.stack([np.asarray(Image.fromarray(p).convert("L"), dtype=np.uint8) for p in flat])
+    return grey.reshape(*pixels.shape[:-1], 1)

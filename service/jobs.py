@@ -1,31 +1,32 @@
-"""Scoring jobs (slides and patch sets) run by worker threads, with their state on disk (no FastAPI).
+"""Scoring jobs (slides and patch sets) run by worker threads, with their state in a SQLite store (no
+FastAPI).
 
-Layout under the jobs directory: ``<id>/job.json`` (the state, rewritten atomically),
-``<id>/input/`` (an uploaded file) and ``<id>/results/`` (the result files). A service that starts
-and finds a job still ``running`` (it stopped or crashed mid-job) runs it again from the start, or
-marks it failed when resuming is off or its input is gone.
+Layout under the jobs directory: ``jobs.sqlite3`` (every job's state, shared by the service
+processes that use this directory), ``<id>/input/`` (an uploaded file), ``<id>/checkpoint/`` (the
+scored items of a running job, saved every ``checkpoint_every`` items) and ``<id>/results/`` (the
+result files). A job whose worker is gone (a stop, a crash, SIGKILL) is queued again and resumes
+from its checkpoint, or is marked failed when resuming is off or its input is gone.
 """
 
 from __future__ import annotations
 
-import enum
-import json
 import logging
 import os
-import queue
 import re
 import shutil
+import socket
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from service.errors import BadRequest, Conflict, NotFound, Overloaded, ServiceError, Unavailable
-from service.scoring.scoring_errors import BadParameter, Cancelled, ScoringError
+from service.job_store import Job, JobState, JobStore, Page
+from service.scoring.checkpoint import Checkpoint
 from service.scoring.patch_scoring import PATCH_RESULTS, PatchOptions, score_patches
 from service.scoring.pipeline import ScoringModel
+from service.scoring.scoring_errors import BadParameter, Cancelled, ScoringError
 from service.scoring.slide_scoring import SLIDE_RESULTS, SlideOptions, score_slide
 
 __all__ = ["JobState", "Job", "JobManager", "RESULT_MEDIA_TYPES"]
@@ -39,121 +40,115 @@ RESULT_MEDIA_TYPES = {
 }
 KINDS = {"slide": (SlideOptions, score_slide, SLIDE_RESULTS), "patches": (PatchOptions, score_patches, PATCH_RESULTS)}
 ModelResolver = Callable[[str, "str | None"], ScoringModel]
+TileCounter = Callable[[str, int], None]
+_HOST = socket.gethostname()
 
 
-class JobState(str, enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def finished(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
-
-
-@dataclass
-class Job:
-    id: str
-    kind: str
-    model: str
-    version: str | None
-    input: dict[str, Any]  # {"path": ..., "uploaded": bool, "name": ...}
-    options: dict[str, Any]
-    state: JobState = JobState.QUEUED
-    done: int = 0
-    total: int | None = None
-    error: str | None = None
-    notes: list[str] = field(default_factory=list)
-    attempts: int = 0
-    created_at: float = field(default_factory=time.time)
-    started_at: float | None = None
-    finished_at: float | None = None
-    model_version: str | None = None
-    results: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["state"] = self.state.value
-        data["progress"] = {"done": self.done, "total": self.total,
-                            "fraction": (self.done / self.total) if self.total else None}
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Job":
-        data = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        data["state"] = JobState(data["state"])
-        return cls(**data)
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class JobManager:
-    """Queues jobs, runs at most ``max_concurrent`` at once, and keeps their state on disk.
+    """Queues jobs, runs at most ``max_concurrent`` at once in this process, and keeps their state in
+    the store.
 
     Args:
-        root: the jobs directory (created on the first job).
+        root: the jobs directory (created at start).
         resolve_model: ``(name, version) -> model``; may raise :class:`Unavailable` while models load.
         max_concurrent: jobs running at once (worker threads).
         max_queued: jobs waiting; beyond it submissions get 429.
-        resume: re-run jobs found ``running`` at start (else they are marked failed).
+        resume: re-run jobs whose worker is gone (else they are marked failed).
+        data_dir: the data directory: paths under it are shown relative to it.
+        checkpoint_every: items (tiles, patches) between two checkpoints of a running job.
+        lease_s: a running job whose worker (on another host) has not been heard of for this long is
+            taken over.
+        poll_s: how often idle workers look for jobs other processes queued.
+        on_tiles: ``(kind, count)`` for every batch of items scored (metrics).
     """
 
     def __init__(self, root: Path, resolve_model: ModelResolver, max_concurrent: int = 1, max_queued: int = 100,
-                 resume: bool = True):
+                 resume: bool = True, data_dir: Path | None = None, checkpoint_every: int = 256,
+                 lease_s: float = 60.0, poll_s: float = 1.0, on_tiles: TileCounter | None = None):
         self.root = Path(root)
+        self.store = JobStore(self.root)
         self.resolve_model = resolve_model
         self.max_concurrent = max_concurrent
         self.max_queued = max_queued
         self.resume = resume
-        self.jobs: dict[str, Job] = {}
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._cancel: dict[str, threading.Event] = {}
+        self.data_dir = Path(data_dir).resolve() if data_dir is not None else None
+        self.checkpoint_every = checkpoint_every
+        self.lease_s = lease_s
+        self.poll_s = poll_s
+        self.on_tiles = on_tiles
+        self.worker_id = f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._running: dict[str, threading.Event] = {}  # jobs this process runs -> their cancel event
         self._lock = threading.RLock()
+        self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
-        """Load the jobs on disk, requeue unfinished ones, start the workers."""
-        if self.root.is_dir():
-            for path in sorted(self.root.glob("*/job.json"), key=lambda p: p.stat().st_mtime):
-                self._recover(path)
+        """Open (or migrate) the store, import job files of the older layout, take over the jobs
+        whose worker is gone, start the workers."""
+        self.store.open()
+        imported = self.store.import_files()
+        if imported:
+            log.info("imported %d job.json files into %s", imported, self.store.path.name)
+        self._recover()
         for i in range(self.max_concurrent):
             t = threading.Thread(target=self._work, name=f"job-worker-{i}", daemon=True)
             t.start()
             self._threads.append(t)
+        t = threading.Thread(target=self._housekeep, name="job-housekeeper", daemon=True)
+        t.start()
+        self._threads.append(t)
 
-    def _recover(self, path: Path) -> None:
-        try:
-            job = Job.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            log.error("ignoring unreadable job file %s: %s", path, exc)
-            return
-        self.jobs[job.id] = job
-        if job.state is JobState.RUNNING:
+    def _is_orphan(self, worker: str | None, heartbeat: float | None) -> bool:
+        """A running job's worker is gone: none left (a stop), a dead process on this host, or no
+        heartbeat for ``lease_s``."""
+        if worker is None:
+            return True
+        if worker == self.worker_id:
+            return False
+        host, _, pid = worker.partition(":")
+        pid = pid.partition(":")[0]
+        if host == _HOST and pid.isdigit() and not _pid_alive(int(pid)):
+            return True
+        return heartbeat is None or time.time() - heartbeat > self.lease_s
+
+    def _recover(self) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+        def fix(job: Job) -> None:
             if not self.resume:
-                self._finish(job, JobState.FAILED, "interrupted by a service restart (resuming jobs is off)")
-                return
-            if not Path(job.input["path"]).exists():
-                self._finish(job, JobState.FAILED, f"interrupted by a service restart, and its input {job.input['path']} is gone")
-                return
-            job.state, job.done = JobState.QUEUED, 0
-            job.notes.append(f"interrupted by a service restart at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}; run again")
-            self._save(job)
-        if job.state is JobState.QUEUED:
-            self._cancel[job.id] = threading.Event()
-            self._queue.put(job.id)
-            log.info("job %s requeued after a restart", job.id)
+                job.state, job.finished_at = JobState.FAILED, time.time()
+                job.error = "interrupted by a service restart (resuming jobs is off)"
+            elif not Path(job.source).exists():
+                job.state, job.finished_at = JobState.FAILED, time.time()
+                job.error = f"interrupted by a service restart, and its input {job.input['path']} is gone"
+            else:
+                job.state = JobState.QUEUED
+                job.notes.append(f"interrupted by a service restart at {stamp}; resumes from its last checkpoint")
+
+        for job in self.store.recover(self._is_orphan, fix):
+            log.info("job %s %s after its worker stopped", job.id, job.state.value)
+            self._wake.set()
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop the workers; a running job is interrupted and left ``running`` on disk, to be resumed
-        by the next start."""
+        """Stop the workers; a running job is interrupted and left ``running`` (without a worker) in the
+        store, to be resumed by the next start."""
         self._stopping.set()
+        self._wake.set()
         with self._lock:
-            for event in self._cancel.values():
+            for event in self._running.values():
                 event.set()
-        for _ in self._threads:
-            self._queue.put(None)
         deadline = time.monotonic() + timeout_s
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
@@ -165,8 +160,14 @@ class JobManager:
     def input_dir(self, job_id: str) -> Path:
         return self.root / job_id / "input"
 
+    def shown_path(self, path: Path, uploaded: bool) -> str:
+        """How responses name a server path: relative to the data directory, or the upload's file name."""
+        if not uploaded and self.data_dir is not None and path.is_relative_to(self.data_dir):
+            return str(path.relative_to(self.data_dir)) or "."
+        return path.name
+
     def submit(self, kind: str, model: str, version: str | None, input_path: Path, uploaded: bool,
-               options: dict[str, Any], job_id: str | None = None) -> Job:
+               options: dict[str, Any], job_id: str | None = None, owner: str | None = None) -> Job:
         """Queue a job; raises BadRequest for bad options, Overloaded when the queue is full."""
         if kind not in KINDS:
             raise BadRequest(f"unknown job kind {kind!r}")
@@ -174,51 +175,60 @@ class JobManager:
             KINDS[kind][0].from_dict(options)
         except (BadParameter, TypeError) as exc:
             raise BadRequest(f"invalid options: {exc}") from None
-        with self._lock:
-            queued = sum(j.state is JobState.QUEUED for j in self.jobs.values())
-            if queued >= self.max_queued:
-                raise Overloaded(f"{queued} jobs are waiting (the limit is {self.max_queued}); try again later", 30)
-            job = Job(job_id or self.new_id(), kind, model, version,
-                      {"path": str(input_path), "uploaded": uploaded, "name": input_path.name}, dict(options))
-            (self.root / job.id).mkdir(parents=True, exist_ok=True)
-            self.jobs[job.id] = job
-            self._cancel[job.id] = threading.Event()
-            self._save(job)
-        self._queue.put(job.id)
-        log.info("job %s queued: %s %s with %s", job.id, kind, input_path.name, model)
+        job = Job(job_id or self.new_id(), kind, model, version,
+                  {"path": self.shown_path(input_path, uploaded), "uploaded": uploaded, "name": input_path.name},
+                  dict(options), owner=owner, source=str(input_path))
+        (self.root / job.id).mkdir(parents=True, exist_ok=True)
+        if not self.store.insert(job, self.max_queued):
+            raise Overloaded(f"jobs are waiting up to the limit of {self.max_queued}; try again later", 30)
+        self._wake.set()
+        log.info("job %s queued: %s %s on %s", job.id, kind, job.input["path"], model)
         return job
 
-    def get(self, job_id: str) -> Job:
-        job = self.jobs.get(job_id) if _ID.match(job_id) else None
-        if job is None:
+    def get(self, job_id: str, principal: str | None = None) -> Job:
+        """The job; 404 for another principal's job (so that ids cannot be probed)."""
+        job = self.store.get(job_id) if _ID.match(job_id) else None
+        if job is None or (principal is not None and job.owner != principal):
             raise NotFound(f"no job '{job_id}'")
         return job
 
-    def list(self) -> list[Job]:
-        return sorted(self.jobs.values(), key=lambda j: j.created_at)
+    def list(self, limit: int = 50, cursor: str | None = None, offset: int = 0, principal: str | None = None,
+             state: str | None = None, newest_first: bool = False) -> Page:
+        """A page of jobs, oldest (or newest) first (only the principal's when there is one)."""
+        try:
+            return self.store.page(limit, cursor, offset, principal, state, newest_first)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
 
-    def cancel(self, job_id: str) -> Job:
-        """Cancel a queued or running job (a running one stops at its next batch)."""
-        job = self.get(job_id)
+    def queued(self) -> int:
+        return self.store.counts()[JobState.QUEUED.value]
+
+    def cancel(self, job_id: str, principal: str | None = None) -> Job:
+        """Cancel a queued or running job (a running one stops at its next batch, in whichever process
+        runs it)."""
+        self.get(job_id, principal)
+
+        def cancel_queued(job: Job) -> None:
+            job.state, job.error, job.finished_at = JobState.CANCELLED, "cancelled before it started", time.time()
+
+        job = self.store.request_cancel(job_id, cancel_queued)
+        if job is None:
+            raise NotFound(f"no job '{job_id}'")
         with self._lock:
-            if job.state is JobState.QUEUED:
-                self._finish(job, JobState.CANCELLED, "cancelled before it started")
-            elif job.state is JobState.RUNNING:
-                self._cancel[job.id].set()
+            if job.id in self._running:
+                self._running[job.id].set()
         return job
 
-    def delete(self, job_id: str) -> None:
+    def delete(self, job_id: str, principal: str | None = None) -> None:
         """Forget a finished job and remove its files."""
-        job = self.get(job_id)
+        job = self.get(job_id, principal)
         if not job.state.finished:
             raise Conflict(f"job '{job_id}' is {job.state.value}; cancel it first")
-        with self._lock:
-            self.jobs.pop(job.id, None)
-            self._cancel.pop(job.id, None)
+        self.store.delete(job.id)
         shutil.rmtree(self.root / job.id, ignore_errors=True)
 
-    def result_path(self, job_id: str, name: str) -> Path:
-        job = self.get(job_id)
+    def result_path(self, job_id: str, name: str, principal: str | None = None) -> Path:
+        job = self.get(job_id, principal)
         if job.state is not JobState.SUCCEEDED:
             raise Conflict(f"job '{job_id}' is {job.state.value}; results exist once it has succeeded")
         if name not in job.results:
@@ -227,41 +237,73 @@ class JobManager:
 
     # ---- running ------------------------------------------------------------------------------
     def _work(self) -> None:
-        while True:
-            job_id = self._queue.get()
-            if job_id is None or self._stopping.is_set():
-                return
-            job = self.jobs.get(job_id)
-            if job is None or job.state is not JobState.QUEUED:
+        while not self._stopping.is_set():
+            job = self.store.claim(self.worker_id, self._begin)
+            if job is None:
+                self._wake.wait(self.poll_s)
+                self._wake.clear()
                 continue
             self._run(job)
 
+    def _housekeep(self) -> None:
+        """Heartbeats of this process's running jobs, cancels asked of them by other processes, and
+        jobs whose worker died."""
+        while not self._stopping.wait(min(self.poll_s * 2, self.lease_s / 4)):
+            try:
+                with self._lock:
+                    running = list(self._running)
+                for job_id in self.store.heartbeat(running, self.worker_id):
+                    with self._lock:
+                        if job_id in self._running:
+                            self._running[job_id].set()
+                self._recover()
+            except Exception:  # the store is busy or gone: try again at the next round
+                log.exception("job housekeeping failed")
+
+    @staticmethod
+    def _begin(job: Job) -> None:
+        job.state, job.started_at, job.attempts, job.error = JobState.RUNNING, time.time(), job.attempts + 1, None
+
     def _run(self, job: Job) -> None:
-        cancel = self._cancel.setdefault(job.id, threading.Event())
+        cancel = threading.Event()
         with self._lock:
-            if job.state is not JobState.QUEUED:
-                return
-            job.state, job.started_at, job.attempts, job.error = JobState.RUNNING, time.time(), job.attempts + 1, None
-            self._save(job)
+            self._running[job.id] = cancel
+        try:
+            self._execute(job, cancel)
+        finally:
+            with self._lock:
+                self._running.pop(job.id, None)
+
+    def _execute(self, job: Job, cancel: threading.Event) -> None:
         _, score, _ = KINDS[job.kind]
-        options = KINDS[job.kind][0].from_dict(job.options)
+        options = KINDS[job.kind][0].from_dict(self._runtime_options(job))
+        checkpoint = Checkpoint(self.root / job.id / "checkpoint", self.checkpoint_every)
         last_save = [0.0]
+        first = [True]
 
         def progress(done: int, total: int) -> None:
+            if first[0]:
+                first[0] = False
+                job.resumed_from = checkpoint.resumed_from
+            elif self.on_tiles is not None:
+                self.on_tiles(job.kind, done - job.done)
             job.done, job.total = done, total
-            if time.monotonic() - last_save[0] > 1.0:
+            if time.monotonic() - last_save[0] > 1.0 or checkpoint.saved == done:
                 last_save[0] = time.monotonic()
-                self._save(job)
+                if self.store.save(job, self.worker_id, heartbeat=True):
+                    cancel.set()
 
         out = self.root / job.id / "results"
         try:
             model = self._model_for(job, cancel)
-            meta = score(model, job.input["path"], out, options, progress=progress, cancel=cancel)
+            meta = score(model, job.source, out, options, progress=progress, cancel=cancel, checkpoint=checkpoint,
+                         source_name=job.input["path"])
         except Cancelled:
             if self._stopping.is_set():
                 log.info("job %s interrupted by shutdown; it resumes on the next start", job.id)
-                self._save(job)  # stays "running" on disk
+                self.store.save(job, None, heartbeat=True)  # stays "running", without a worker
             else:
+                checkpoint.clear()
                 self._finish(job, JobState.CANCELLED, "cancelled while running")
             return
         except (ScoringError, ServiceError) as exc:
@@ -271,8 +313,16 @@ class JobManager:
             log.exception("job %s failed", job.id)
             self._finish(job, JobState.FAILED, f"internal error: {type(exc).__name__}: {exc}")
             return
+        checkpoint.clear()
         job.results = list(meta["results"])
         self._finish(job, JobState.SUCCEEDED)
+
+    def _runtime_options(self, job: Job) -> dict[str, Any]:
+        """Options as the engine takes them: a labels file named relative to the data directory made absolute."""
+        options = dict(job.options)
+        if options.get("labels_path") and self.data_dir is not None:
+            options["labels_path"] = str(self.data_dir / options["labels_path"])
+        return options
 
     def _model_for(self, job: Job, cancel: threading.Event) -> ScoringModel:
         """The model, waiting while the service is still loading it."""
@@ -286,15 +336,16 @@ class JobManager:
                     raise Cancelled("cancelled") from None
 
     def _finish(self, job: Job, state: JobState, error: str | None = None) -> None:
-        with self._lock:
-            job.state, job.error, job.finished_at = state, error, time.time()
-            self._save(job)
+        job.state, job.error, job.finished_at = state, self._scrub(error), time.time()
+        self.store.save(job, None, heartbeat=True)
         level = logging.WARNING if state is JobState.FAILED else logging.INFO
-        log.log(level, "job %s %s%s", job.id, state.value, f": {error}" if error else "")
+        log.log(level, "job %s %s%s", job.id, state.value, f": {job.error}" if job.error else "")
 
-    def _save(self, job: Job) -> None:
-        folder = self.root / job.id
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".job.{uuid.uuid4().hex[:8]}.tmp"
-        tmp.write_text(json.dumps(job.as_dict(), indent=2), encoding="utf-8")
-        os.replace(tmp, folder / "job.json")
+    def _scrub(self, text: str | None) -> str | None:
+        """No absolute server path in a message: the data and jobs directories are cut off."""
+        if text is None:
+            return None
+        for root in (self.data_dir, self.root.resolve()):
+            if root is not None:
+                text = text.replace(str(root) + os.sep, "").replace(str(root), ".")
+        return text

@@ -48,3 +48,9 @@ class ServiceMetrics:
             "gsa_model_execution_provider_info", "Execution provider a model version runs on (1 for the primary one)",
             ("model", "version", "provider"), registry=r,
         )
+        self.jobs = Gauge("gsa_jobs", "Scoring jobs in the store by state", ("state",), registry=r)
+        self.jobs_queued = Gauge("gsa_jobs_queued", "Scoring jobs waiting for a worker", registry=r)
+        self.job_tiles = Counter(
+            "gsa_job_tiles_scored", "Tiles (slides) and patches (patch sets) scored by jobs in this process", ("kind",),
+            registry=r,
+        )

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     max_queued_jobs: int = Field(100, ge=1)  # jobs waiting; beyond it submissions get 429
     max_upload_bytes: int = Field(4 * 1024**3, ge=1)  # one uploaded slide or patch set; 413 beyond
     resume_jobs: bool = True  # on start, run again the jobs a stop interrupted (False: mark them failed)
+    job_checkpoint_tiles: int = Field(256, ge=1)  # a running job saves its scored tiles (patches) this often
+    job_lease_s: float = Field(60.0, gt=0)  # a job whose worker (another host) is silent this long is taken over
+    job_poll_s: float = Field(1.0, gt=0)  # idle workers look for jobs queued by other processes this often
 
     # readiness and logging
     strict_readiness: bool = False  # True: the server is ready only when every model is

@@ -3,18 +3,22 @@ its progress, download its results, cancel it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from service.dependencies import ServerDep, SettingsDep
-from service.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, UnsupportedMediaType
-from service.jobs import RESULT_MEDIA_TYPES, Job, JobManager
+from service.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from service.jobs import RESULT_MEDIA_TYPES, Job, JobManager, JobState
+from service.scoring.patch_scoring import PatchOptions, fit_patches, open_patches
+from service.scoring.scoring_errors import BadParameter, ScoringError
+from service.scoring.slide_scoring import SlideOptions, check_model
 from service.settings import Settings
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -30,6 +34,11 @@ _UPLOAD_DOC = {"openapi_extra": {"requestBody": {"required": True, "content": {
 
 def _jobs(request: Request) -> JobManager:
     return request.app.state.jobs
+
+
+def _principal(request: Request) -> str | None:
+    """The caller's key id (set by the auth middleware), or None with auth off: then every job is visible."""
+    return getattr(request.state, "principal", None)
 
 
 def job_view(job: Job) -> dict[str, Any]:
@@ -62,8 +71,37 @@ def _check_options(settings: Settings, kind: str, options: dict[str, Any]) -> di
     if "max_plain_pixels" in options:
         raise BadRequest("'max_plain_pixels' is a server limit, not a job option")
     if kind == "patches" and options.get("labels_path") is not None:
-        options = {**options, "labels_path": str(resolve_data_path(settings, str(options["labels_path"])))}
+        resolved = resolve_data_path(settings, str(options["labels_path"]))
+        options = {**options, "labels_path": str(resolved.relative_to(Path(settings.data_dir).resolve()))}
     return options
+
+
+def _check_fit(server, kind: str, name: str, version: str | None, path: Path, options: dict[str, Any],
+               data_dir: Path | None) -> None:
+    """Inputs that cannot fit the model are refused now (422), not queued to fail: a slide needs a square
+    RGB model; a patch set's first patch must fit the model's size (``fit``) and colours (``convert``)."""
+    card = server.find(name, version).card
+    try:
+        opts = (SlideOptions if kind == "slide" else PatchOptions).from_dict(options)
+    except (BadParameter, TypeError) as exc:
+        raise BadRequest(f"invalid options: {exc}") from None
+    if card is None:
+        return
+    try:
+        if isinstance(opts, SlideOptions):
+            check_model(card, opts)
+            return
+        labels = Path(data_dir).resolve() / opts.labels_path if opts.labels_path and data_dir else None
+        patches = open_patches(path, card.labels, labels)
+        try:
+            if len(patches):
+                fit_patches(patches.read(0, 1), card, opts.fit, opts.convert)
+        finally:
+            patches.close()
+    except (BadParameter, TypeError) as exc:
+        raise Unprocessable(f"the input does not fit model '{card.name}': {exc}") from None
+    except ScoringError:
+        return  # unreadable input: the job fails and says why, as for slides
 
 
 def _check_model(server, kind: str, name: str, version: str | None, options: dict[str, Any]) -> None:
@@ -123,7 +161,8 @@ async def _submit(request: Request, server, settings: Settings, kind: str, model
         _check_model(server, kind, name, body.get("version"), opts)
         path = resolve_data_path(settings, body["path"])
         opts = _check_options(settings, kind, opts)
-        job = jobs.submit(kind, name, body.get("version"), path, False, opts)
+        await asyncio.to_thread(_check_fit, server, kind, name, body.get("version"), path, opts, settings.data_dir)
+        job = jobs.submit(kind, name, body.get("version"), path, False, opts, owner=_principal(request))
     elif media_type in ("application/octet-stream", "image/tiff", "image/png", "image/jpeg", "application/x-hdf5",
                         "application/x-hdf"):
         model = _model_name(server, model)
@@ -140,7 +179,8 @@ async def _submit(request: Request, server, settings: Settings, kind: str, model
         dest = jobs.input_dir(job_id) / name
         try:
             await _save_upload(request, dest, settings.max_upload_bytes)
-            job = jobs.submit(kind, model, version, dest, True, opts, job_id=job_id)
+            await asyncio.to_thread(_check_fit, server, kind, model, version, dest, opts, settings.data_dir)
+            job = jobs.submit(kind, model, version, dest, True, opts, job_id=job_id, owner=_principal(request))
         except BaseException:
             shutil.rmtree(jobs.root / job_id, ignore_errors=True)
             raise
@@ -175,31 +215,40 @@ async def submit_patches(
 
 
 @router.get("")
-async def list_jobs(request: Request) -> JSONResponse:
-    """Every job, oldest first."""
-    return JSONResponse({"jobs": [job_view(j) for j in _jobs(request).list()]})
+async def list_jobs(
+    request: Request,
+    limit: int = Query(50, ge=1, le=500, description="jobs per page"),
+    cursor: str | None = Query(None, description="the 'next' of the previous page"),
+    offset: int = Query(0, ge=0, description="jobs to skip (without a cursor)"),
+    state: JobState | None = Query(None, description="only jobs in this state"),
+    order: Literal["asc", "desc"] = Query("asc", description="oldest (asc) or newest (desc) first"),
+) -> JSONResponse:
+    """The caller's jobs, oldest first, a page at a time (``next``: the cursor of the next page, or null)."""
+    page = await asyncio.to_thread(_jobs(request).list, limit, cursor, offset, _principal(request),
+                                   state.value if state is not None else None, order == "desc")
+    return JSONResponse({"jobs": [job_view(j) for j in page.jobs], "next": page.next})
 
 
 @router.get("/{job_id}")
 async def get_job(job_id: str, request: Request) -> JSONResponse:
     """A job's state and progress (tiles or patches done and total)."""
-    return JSONResponse(job_view(_jobs(request).get(job_id)))
+    return JSONResponse(job_view(await asyncio.to_thread(_jobs(request).get, job_id, _principal(request))))
 
 
 @router.delete("/{job_id}")
 async def delete_job(job_id: str, request: Request) -> JSONResponse:
     """Cancel a queued or running job; forget a finished one and delete its files."""
-    jobs = _jobs(request)
-    job = jobs.get(job_id)
+    jobs, principal = _jobs(request), _principal(request)
+    job = await asyncio.to_thread(jobs.get, job_id, principal)
     if job.state.finished:
-        jobs.delete(job_id)
+        await asyncio.to_thread(jobs.delete, job_id, principal)
         return JSONResponse({"id": job_id, "deleted": True})
-    return JSONResponse(job_view(jobs.cancel(job_id)), status_code=202)
+    return JSONResponse(job_view(await asyncio.to_thread(jobs.cancel, job_id, principal)), status_code=202)
 
 
 @router.get("/{job_id}/results/{name}")
 async def get_result(job_id: str, name: str, request: Request) -> FileResponse:
     """Download one result file of a finished job."""
-    path = _jobs(request).result_path(job_id, name)
+    path = await asyncio.to_thread(_jobs(request).result_path, job_id, name, _principal(request))
     return FileResponse(path, media_type=RESULT_MEDIA_TYPES.get(path.suffix, "application/octet-stream"),
                         filename=f"{job_id[:8]}-{name}")

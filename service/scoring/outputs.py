@@ -79,10 +79,13 @@ def write_embeddings(path: Path, features: np.ndarray, keys: dict[str, np.ndarra
 
 class GeoJSONWriter:
     """A FeatureCollection of tile polygons, streamed one feature at a time, in the form QuPath
-    (0.4+) imports: ``objectType`` "tile", ``classification`` {name, color}, ``measurements``."""
+    (0.4+) imports: ``objectType`` "tile", ``classification`` {name, color}, ``measurements``.
+    Feature ids are name-based UUIDs of ``salt`` and the tile's box, so that the same run writes the
+    same file (a resumed job included)."""
 
-    def __init__(self, path: Path, labels: tuple[str, ...]):
+    def __init__(self, path: Path, labels: tuple[str, ...], salt: str = ""):
         self.labels = labels
+        self.salt = salt
         self._ctx = atomic_open(path)
         self._f: IO | None = None
         self._first = True
@@ -98,7 +101,7 @@ class GeoJSONWriter:
         measurements = {f"prob_{name}": round(float(p), 6) for name, p in zip(self.labels, probabilities)}
         measurements.update(extra)
         feature = {
-            "type": "Feature", "id": str(uuid.uuid4()),
+            "type": "Feature", "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"gsa-tile:{self.salt}:{x},{y},{w},{h}")),
             "geometry": {"type": "Polygon", "coordinates": [ring]},
             "properties": {
                 "objectType": "tile", "isLocked": True,

@@ -16,7 +16,8 @@ from PIL import Image
 from service import __version__
 from gsa_contract import ModelCard
 from service.errors import ServiceError
-from service.images import ImageLimits, decode_image
+from service.images import ImageLimits, decode_image, to_model_channels
+from service.scoring.checkpoint import Checkpoint, digest
 from service.scoring.scoring_errors import BadParameter, CorruptInput, InputNotFound, UnsupportedFormat
 from service.scoring.evaluation import summary
 from service.scoring.outputs import EMBEDDING_MODES, EMBEDDINGS_FILE, atomic_open, csv_writer, write_embeddings, write_json
@@ -41,6 +42,7 @@ class PatchOptions:
     readers: int = 1
     prefetch: int = 4
     embeddings: str = "none"  # "invariant": embeddings.h5 with per-patch [D] features; "full": also [D, |H|]
+    convert: bool = False  # RGB patches for a greyscale model: converted (luma) only when true, as in predict
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PatchOptions":
@@ -81,7 +83,7 @@ def open_patches(path: str | Path, model_labels: tuple[str, ...], labels_path: s
     if path.is_dir():
         return _open_folder(path, model_labels)
     if not path.is_file():
-        raise InputNotFound(f"patch set {path} does not exist")
+        raise InputNotFound(f"patch set {path.name} does not exist")
     suffix = path.suffix.lower()
     if suffix in (".h5", ".hdf5"):
         return _open_hdf5(path, Path(labels_path) if labels_path else None, len(model_labels))
@@ -111,7 +113,7 @@ def _open_folder(root: Path, model_labels: tuple[str, ...]) -> PatchSet:
         files = [(p, -1) for p in _images_in(root)]
         kind = "folder"
     if not files:
-        raise InputNotFound(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise InputNotFound(f"{root.name} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     paths = [p for p, _ in files]
     labels = np.array([c for _, c in files], np.int64) if kind == "imagefolder" else None
 
@@ -207,17 +209,16 @@ def _open_array(path: Path, labels_path: Path | None, k: int) -> PatchSet:
     return PatchSet(path.suffix.lower()[1:], [str(i) for i in range(len(x))], lambda a, b: np.asarray(x[a:b]), labels)
 
 
-def fit_patches(batch: np.ndarray, card: ModelCard, fit: str) -> np.ndarray:
-    """``[n, h, w, c]`` -> the model's ``[n, H, W, C]``."""
+def fit_patches(batch: np.ndarray, card: ModelCard, fit: str, convert: bool = False) -> np.ndarray:
+    """``[n, h, w, c]`` -> the model's ``[n, H, W, C]``; colours by the rules of predict
+    (:func:`service.images.to_model_channels`)."""
     if batch.ndim == 3:
         batch = batch[..., None]
     n, h, w, c = batch.shape
-    if c != card.channels:
-        if c == 1:
-            batch = np.repeat(batch, card.channels, axis=3)
-        else:  # RGB for a greyscale model: ITU-R 601 luma, as Pillow's "L"
-            batch = np.rint(batch.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
-            batch = batch.clip(0, 255).astype(np.uint8)
+    try:
+        batch = to_model_channels(batch, card, convert, "the patch set")
+    except ServiceError as exc:
+        raise BadParameter(exc.message) from None
     if (h, w) == (card.height, card.width):
         return np.ascontiguousarray(batch)
     if fit == "error":
@@ -244,9 +245,12 @@ def score_patches(
     *,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
+    checkpoint: Checkpoint | None = None,
+    source_name: str | None = None,
 ) -> dict[str, Any]:
     """Score every patch; write ``patches.csv``, ``summary.json`` (when labels are known) and
-    ``metadata.json`` to ``out_dir``; return the metadata."""
+    ``metadata.json`` to ``out_dir``; return the metadata. ``checkpoint`` and ``source_name`` as in
+    :func:`service.scoring.slide_scoring.score_slide`."""
     options = (options or PatchOptions()).checked()
     card = model.card
     out_dir = Path(out_dir)
@@ -257,11 +261,14 @@ def score_patches(
         n = len(patches)
 
         def load(idx: range) -> np.ndarray:
-            return fit_patches(patches.read(idx.start, idx.stop), card, options.fit)
+            return fit_patches(patches.read(idx.start, idx.stop), card, options.fit, options.convert)
 
+        fingerprint = {"kind": "patches", "model": card.sha256, "fit": options.fit, "convert": options.convert,
+                       "ids": digest(np.array(patches.ids, dtype=object).astype("S"))}
         probs, orient, stats, feats = score_items(
             model, n, load, batch_size=options.batch_size, readers=options.readers, prefetch=options.prefetch,
-            cancel=cancel, progress=progress, features=options.embeddings != "none")
+            cancel=cancel, progress=progress, features=options.embeddings != "none", checkpoint=checkpoint,
+            fingerprint=fingerprint)
     finally:
         patches.close()
     labels = card.labels
@@ -288,9 +295,12 @@ def score_patches(
         results.insert(1, "summary.json")
     meta = {
         "kind": "patches", "service_version": __version__, "model": model_info(model),
-        "source": {"path": str(path), "kind": patches.kind, "count": n, "labelled": patches.labels is not None},
-        "options": asdict(options), "counts": {"patches": n, "scored": stats.images},
-        "timing": {"total_s": round(time.perf_counter() - t0, 3), "scoring": stats.as_dict()},
+        "source": {"path": source_name or Path(path).name, "kind": patches.kind, "count": n,
+                   "labelled": patches.labels is not None},
+        "options": {**asdict(options), "labels_path": Path(options.labels_path).name if options.labels_path else None},
+        "counts": {"patches": n, "scored": n},
+        "timing": {"resumed_from": checkpoint.resumed_from if checkpoint is not None else 0,
+                   "total_s": round(time.perf_counter() - t0, 3), "scoring": stats.as_dict()},
         "summary": summ, "results": results,
     }
     write_json(out_dir / "metadata.json", meta)

@@ -9,12 +9,15 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, NamedTuple, Protocol, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple, Protocol, Sequence, TypeVar
 
 import numpy as np
 
 from gsa_contract import FEATURES, ORIENTATION_RESPONSES, PROBABILITIES, ModelCard
 from service.scoring.scoring_errors import BadParameter, Cancelled
+
+if TYPE_CHECKING:
+    from service.scoring.checkpoint import Checkpoint
 
 __all__ = ["ScoringModel", "PipelineStats", "Scores", "run_pipeline", "batched", "score_items"]
 
@@ -122,11 +125,15 @@ def score_items(
     cancel: threading.Event | None = None,
     progress: Callable[[int, int], None] | None = None,
     features: bool = False,
+    checkpoint: "Checkpoint | None" = None,
+    fingerprint: dict | None = None,
 ) -> Scores:
     """Score items ``0 .. n-1`` in batches of ``batch_size`` (``load(range)`` gives their pixels):
     probabilities ``[n, K]``, per item the group element with the strongest response of the
     predicted class ``[n]``, and with ``features`` the model's ``[n, D, G]`` features (the model
-    must output them). ``progress(done, n)`` after every batch (and once with 0)."""
+    must output them). ``progress(done, n)`` after every batch (and once with 0, or with the items
+    a ``checkpoint`` restored: those are not scored again; ``fingerprint`` says what the checkpoint
+    must belong to)."""
     probs = np.full((n, model.card.num_classes), np.nan, np.float32)
     orient = np.zeros(n, np.int16)
     feats = None
@@ -136,6 +143,9 @@ def score_items(
                                "features: no embeddings to write")
         feats = np.full((n, model.card.feature_dim, model.card.group_order), np.nan, np.float32)
     done = 0
+    if checkpoint is not None:
+        done = checkpoint.restore({**(fingerprint or {}), "n": n, "batch_size": batch_size, "features": features},
+                                  probs, orient, feats, batch_size)
 
     def consume(idx: range, outputs: dict[str, np.ndarray]) -> None:
         p = outputs[PROBABILITIES]
@@ -147,11 +157,13 @@ def score_items(
     def step(count: int) -> None:
         nonlocal done
         done += count
+        if checkpoint is not None:
+            checkpoint.update(done, n)
         if progress is not None:
             progress(done, n)
 
     if progress is not None:
-        progress(0, n)
-    stats = run_pipeline(model, batched(range(n), batch_size), load, consume, readers=readers,
+        progress(done, n)
+    stats = run_pipeline(model, batched(range(done, n), batch_size), load, consume, readers=readers,
                          prefetch=prefetch, cancel=cancel, progress=step)
     return Scores(probs, orient, stats, feats)

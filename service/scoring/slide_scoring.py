@@ -15,6 +15,7 @@ from PIL import Image
 
 from service import __version__
 from gsa_contract import ModelCard
+from service.scoring.checkpoint import Checkpoint, digest
 from service.scoring.scoring_errors import BadParameter, NoTissue
 from service.scoring.outputs import (EMBEDDING_MODES, EMBEDDINGS_FILE, GeoJSONWriter, atomic_open, csv_writer, heatmap_png,
                                      write_embeddings, write_json, write_npy)
@@ -23,7 +24,7 @@ from service.scoring.slide_reader import DEFAULT_MAX_PLAIN_PIXELS, Slide, open_s
 from service.scoring.tiling import TilePlan, plan_tiles
 from service.scoring.tissue import TissueMask, detect_tissue
 
-__all__ = ["SlideOptions", "SLIDE_RESULTS", "score_slide", "model_info"]
+__all__ = ["SlideOptions", "SLIDE_RESULTS", "score_slide", "model_info", "check_model"]
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,8 @@ def _tile_loader(slide: Slide, plan: TilePlan, grid: np.ndarray, channels: int) 
     return load
 
 
-def _check_model(card: ModelCard, options: SlideOptions) -> None:
+def check_model(card: ModelCard, options: SlideOptions) -> None:
+    """A slide needs a square RGB model (and a heatmap label it knows)."""
     if card.channels != 3:
         raise BadParameter(f"model '{card.name}' takes {card.channels}-channel images; slides need an RGB model")
     if card.height != card.width:
@@ -155,13 +157,14 @@ def _plan_and_mask(slide: Slide, card: ModelCard, options: SlideOptions) -> tupl
 
 def _score_tiles(
     model: ScoringModel, slide: Slide, plan: TilePlan, grid: np.ndarray, options: SlideOptions,
-    progress: Progress | None, cancel: threading.Event | None,
+    progress: Progress | None, cancel: threading.Event | None, checkpoint: Checkpoint | None = None,
 ) -> Scores:
     """Probabilities ``[n, K]``, dominant group element ``[n]`` (and features) of every tile in ``grid``."""
+    fingerprint = {"kind": "slide", "model": model.card.sha256, "grid": digest(grid), "plan": plan.as_dict()}
     return score_items(
         model, len(grid), _tile_loader(slide, plan, grid, model.card.channels), batch_size=options.batch_size,
         readers=options.readers, prefetch=options.prefetch, cancel=cancel, progress=progress,
-        features=options.embeddings != "none",
+        features=options.embeddings != "none", checkpoint=checkpoint, fingerprint=fingerprint,
     )
 
 
@@ -173,25 +176,29 @@ def score_slide(
     *,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
+    checkpoint: Checkpoint | None = None,
+    source_name: str | None = None,
 ) -> dict[str, Any]:
     """Score every tissue tile of the slide at ``path``; write the result files to ``out_dir`` and
-    return the run metadata (also written as ``metadata.json``).
+    return the run metadata (also written as ``metadata.json``). With a ``checkpoint`` the scored
+    tiles are saved as it goes and a run resumes from what it holds; ``source_name`` is how the
+    metadata names the slide (default: its file name; never the server's absolute path).
 
     Raises:
         ScoringError subclasses: unreadable or unsupported slide, no resolution, no tissue, cancelled.
     """
     options = (options or SlideOptions()).checked()
     card = model.card
-    _check_model(card, options)
+    check_model(card, options)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     with open_slide(path, options.max_plain_pixels) as slide:
         plan, mask, grid, fracs = _plan_and_mask(slide, card, options)
         t_mask = time.perf_counter() - t_start
-        probs, orient, stats, feats = _score_tiles(model, slide, plan, grid, options, progress, cancel)
+        probs, orient, stats, feats = _score_tiles(model, slide, plan, grid, options, progress, cancel, checkpoint)
         slide_info = {
-            "path": str(slide.path), "name": slide.path.name, "format": slide.format,
+            "path": source_name or slide.path.name, "name": slide.path.name, "format": slide.format,
             "dimensions": list(slide.dimensions), "level_dimensions": [list(d) for d in slide.level_dimensions],
             "level_downsamples": list(slide.level_downsamples), "mpp": slide.mpp,
         }
@@ -210,9 +217,10 @@ def score_slide(
         "options": asdict(options), "plan": plan.as_dict(),
         "tissue": {"method": mask.method, "threshold": None if mask.method == "none" else mask.threshold,
                    "thumbnail_scale": mask.scale, "tissue_fraction": mask.tissue_fraction},
-        "counts": {"grid_tiles": plan.count, "tissue_tiles": n, "scored_tiles": stats.images,
+        "counts": {"grid_tiles": plan.count, "tissue_tiles": n, "scored_tiles": n,
                    "skipped_tiles": plan.count - n},
-        "timing": {"total_s": round(time.perf_counter() - t_start, 3), "tissue_s": round(t_mask, 3),
+        "timing": {"resumed_from": checkpoint.resumed_from if checkpoint is not None else 0,
+                   "total_s": round(time.perf_counter() - t_start, 3), "tissue_s": round(t_mask, 3),
                    "scoring": stats.as_dict(), "writing_s": round(time.perf_counter() - t_write, 3)},
         "results": results,
     }
@@ -233,7 +241,8 @@ def _write_slide_results(
     labels = card.labels
     side = plan.tile_level0
     angles = [e.angle for e in card.elements]
-    with atomic_open(out_dir / "tiles.csv", newline="") as f, GeoJSONWriter(out_dir / "tiles.geojson", labels) as geo:
+    with (atomic_open(out_dir / "tiles.csv", newline="") as f,
+          GeoJSONWriter(out_dir / "tiles.geojson", labels, card.sha256) as geo):
         w = csv_writer(f)
         w.writerow(["col", "row", "minx", "miny", "width", "height", "tissue_fraction",
                     *(f"prob_{name}" for name in labels), "predicted", "dominant_orientation_deg"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from data_paths import PCAM, SLIDE, data_path, require
 from scoring_fixtures import NO_MPP_MODEL, PATH_MODEL, tissue_image, write_pyramidal_tiff
 from test_score_slides import check_qupath_geojson, read_tiles
 
+from service.job_store import JobStore
 from service.scoring.slide_scoring import SlideOptions, score_slide
 
 FINISHED = {"succeeded", "failed", "cancelled"}
@@ -143,7 +143,7 @@ def test_paths_must_stay_inside_the_data_directory(jobs_client, data_dir, tmp_pa
     r = submit_path(client, "missing.svs")
     assert r.status_code == 404 and "does not exist" in r.json()["error"]
     assert submit_path(client, str(data_dir / "synthetic.tiff")).status_code == 202  # absolute but inside
-    assert client.get("/v1/jobs").json()["jobs"][0]["input"]["path"] == str((data_dir / "synthetic.tiff").resolve())
+    assert client.get("/v1/jobs").json()["jobs"][0]["input"]["path"] == "synthetic.tiff"  # never the server's path
 
     no_data = jobs_client(data_dir=None, jobs_dir=tmp_path / "jobs2")
     r = submit_path(no_data, "synthetic.tiff")
@@ -194,8 +194,8 @@ def test_restart_resumes_or_fails_interrupted_jobs(jobs_client, tmp_path):
     job = submit_path(first, "real.svs", **SLOW).json()
     wait_job(first, job["id"], RUNNING_WITH_PROGRESS)
     first.__exit__(None, None, None)  # stop the service mid-job
-    on_disk = json.loads((jobs_dir / job["id"] / "job.json").read_text())
-    assert on_disk["state"] == "running" and on_disk["attempts"] == 1
+    on_disk = JobStore(jobs_dir).get(job["id"])
+    assert on_disk.state.value == "running" and on_disk.attempts == 1
 
     second = jobs_client(jobs_dir=jobs_dir)
     resumed = wait_job(second, job["id"], RUNNING_WITH_PROGRESS)

@@ -72,8 +72,8 @@ class SlidePanel {
   // ---- earlier jobs ----------------------------------------------------------------------------
   async refreshJobs() {
     try {
-      const { jobs } = await getJSON("v1/jobs");
-      const slides = jobs.filter((j) => j.kind === "slide").reverse();
+      const { jobs } = await getJSON("v1/jobs?limit=200&order=desc");
+      const slides = jobs.filter((j) => j.kind === "slide");
       $("job-select").replaceChildren(...(slides.length ? slides.map((j) => new Option(
         `${j.input.name} · ${j.model} · ${j.state} · ${new Date(j.created_at * 1000).toLocaleString()}`, j.id))
         : [new Option("(none)", "")]));
