@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["BatchingSettings", "BatchingOverride", "Settings", "get_settings"]
@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     max_queued_jobs: int = Field(100, ge=1)  # jobs waiting; beyond it submissions get 429
     max_upload_bytes: int = Field(4 * 1024**3, ge=1)  # one uploaded slide or patch set; 413 beyond
     resume_jobs: bool = True  # on start, run again the jobs a stop interrupted (False: mark them failed)
+
+    # authentication (service/auth.py): bearer API keys, kept as sha256 hashes
+    auth: Literal["auto", "on", "off"] = "auto"  # auto: off when ``host`` is loopback, on otherwise
+    api_keys: SecretStr | None = None  # GSA_API_KEYS: comma-separated ``name:sha256hex`` or plain keys
+    api_keys_file: Path | None = None  # one ``name:sha256hex`` a line
+    metrics_auth: bool = False  # True: /metrics needs a key too
 
     # readiness and logging
     strict_readiness: bool = False  # True: the server is ready only when every model is
