@@ -17,7 +17,7 @@ from starlette.datastructures import UploadFile
 from gsa_contract import FEATURES, ModelCard
 from service.dependencies import LatestModelDep, ServerDep, SettingsDep, VersionModelDep
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from service.images import IMAGE_MEDIA_TYPES, ImageLimits, decode_image, to_model_input
+from service.images import IMAGE_MEDIA_TYPES, ImageLimits, decode_for_model
 from service.runtime import ModelServer, ServedModel
 from service.schemas import Base64Images, ErrorResponse, PredictResponse
 from service.settings import Settings
@@ -73,7 +73,7 @@ async def _predict(
 
     def prepare() -> np.ndarray:
         return np.stack([
-            to_model_input(decode_image(data, limits, what), card, resize, convert, what)
+            decode_for_model(data, limits, card, resize, convert, what)
             for what, data in ((_describe(i, name), data) for i, (name, data) in enumerate(uploads))
         ])
 
