@@ -75,9 +75,10 @@ class ServedModel:
     def version(self) -> str:
         return self.card.version
 
-    async def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """``images`` uint8 ``[N, H, W, C]`` through the batcher (the request timeout applies)."""
-        return await self.batcher.infer(images, self.timeout_s)
+    async def infer(self, images: np.ndarray, started: float | None = None) -> dict[str, np.ndarray]:
+        """``images`` uint8 ``[N, H, W, C]`` through the batcher; the request timeout runs from
+        ``started`` (a ``time.perf_counter()`` from when the request began; now when None)."""
+        return await self.batcher.infer(images, self.timeout_s, started)
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """The same from a worker thread (scoring jobs), one batcher-sized part at a time, so that
@@ -182,8 +183,9 @@ class ModelServer:
         stats = self.stats[(mv.name, mv.version)] = ModelStats(mv.name, mv.version)
         batcher = DynamicBatcher(
             mv.name, mv.version, session.run, self.settings.batching_for(mv.name), stats, self.metrics,
-            in_flight=lambda: self.metrics.in_flight,
+            in_flight=lambda: self.metrics.in_flight, seconds_per_image=getattr(session, "warmup_seconds_per_image", 0.0),
         )
+        self._check_limits(mv, getattr(session, "warmup_seconds_per_image", 0.0))
         batcher.start()
         assert mv.card is not None
         mv.served = ServedModel(mv.card, session, batcher, asyncio.get_running_loop(), self.settings.request_timeout_s)
@@ -193,6 +195,19 @@ class ModelServer:
         self.metrics.model_ready.labels(mv.name, mv.version).set(1)
         for i, provider in enumerate(session.providers):
             self.metrics.provider_info.labels(mv.name, mv.version, provider).set(1 if i == 0 else 0)
+
+    def _check_limits(self, mv: ModelVersion, seconds_per_image: float) -> None:
+        """Warn when, at the warm-up's speed, a maximal request cannot finish within the timeout."""
+        s = self.settings
+        workers = s.batching_for(mv.name).workers
+        worst_s = s.max_images_per_request * seconds_per_image / workers
+        if worst_s > s.request_timeout_s:
+            log.warning(
+                "model %s/%s: a request of %d images (GSA_MAX_IMAGES_PER_REQUEST) would take about %.1f s at the "
+                "warm-up's %.1f ms per image, over GSA_REQUEST_TIMEOUT_S=%g; such requests will be refused",
+                mv.name, mv.version, s.max_images_per_request, worst_s, seconds_per_image * 1000, s.request_timeout_s,
+                extra={"model": mv.name, "version": mv.version},
+            )
 
     async def stop(self) -> None:
         """Stop loading, let every batcher finish what it holds, release the sessions."""

@@ -4,6 +4,7 @@ probabilities and orientation responses out."""
 from __future__ import annotations
 
 import asyncio
+import time
 import base64
 import binascii
 import json
@@ -64,6 +65,7 @@ async def _predict(
     request: Request, server: ModelServer, settings: Settings, model: ServedModel, resize: bool, convert: bool,
     features: bool = False,
 ) -> JSONResponse:
+    started = time.perf_counter()  # the request timeout covers reading, decoding and queueing
     card = model.card
     if features and card.feature_dim is None:
         raise BadRequest(f"model '{card.name}' version '{card.version}' was exported without features; "
@@ -81,7 +83,7 @@ async def _predict(
         images = await asyncio.to_thread(prepare)
     else:
         images = prepare()  # small images decode faster than a hop to a thread
-    outputs = await model.infer(images)
+    outputs = await model.infer(images, started)
     server.metrics.inference_requests.labels(model.name, model.version, "success").inc()
     # built as plain JSON: the response model documents it, re-validating every number would only cost time
     return JSONResponse({
