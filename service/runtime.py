@@ -235,16 +235,25 @@ class ModelServer:
     # ---- state --------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        """Every model can serve: each has a version loaded and warmed up, or none left loading
-        (older versions may still load, answering 503 until they are ready). When strict: every
-        version has loaded and is ready. False while shutting down."""
+        """Every model can serve with its final default version: the newest one that did not fail
+        is loaded (older versions may still load, answering 503 until they are ready). When
+        strict: every version has loaded and is ready. False while shutting down."""
         if self._load_task is None or self.shutting_down:
             return False
         if self.settings.strict_readiness:
             return self.loaded.is_set() and all(mv.ready for mv in self.all())
-        return all(any(mv.ready for mv in versions.values()) or
-                   all(mv.state is not ModelState.LOADING for mv in versions.values())
-                   for versions in self.versions.values())
+        return all(self._default_settled(versions) for versions in self.versions.values())
+
+    @staticmethod
+    def _default_settled(versions: dict[str, ModelVersion]) -> bool:
+        """Whether the version that answers requests naming none is final: the newest version
+        that did not fail is ready (an older one finishing first does not count)."""
+        for mv in sorted(versions.values(), key=lambda mv: version_key(mv.version), reverse=True):
+            if mv.state is ModelState.LOADING:
+                return False
+            if mv.ready:
+                return True
+        return True  # every version failed: nothing to wait for
 
     @property
     def loading(self) -> bool:
