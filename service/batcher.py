@@ -136,6 +136,7 @@ class DynamicBatcher:
         self._in_flight = in_flight
         self._running = 0  # request slices in batches being computed
         self._running_images = 0
+        self._running_work: dict[int, tuple[float, int]] = {}  # id of a running batch: (started, images)
         labels = dict(model=name, version=version)
         self._m_queue = metrics.queue_duration.labels(**labels)
         self._m_compute = metrics.compute_duration.labels(**labels)
@@ -238,15 +239,18 @@ class DynamicBatcher:
                 f"request of {n} images would take about {alone_s:.1f} s at {per_image * 1000:.1f} ms per image, "
                 f"over the request timeout of {timeout_s:g} s; split it"
             )
-        # round-robin: before our last image, each queued request gets at most as many images as ours
-        ahead = self._running_images + sum(min(r.left, n) for r in self._queue if not r.abandoned)
-        expected_s = (ahead + n) * per_image
+        # round-robin: before our last image, each queued request gets at most as many images as ours;
+        # the running batches count for what is left of them
+        now = time.perf_counter()
+        running_s = sum(max(0.0, size * per_image - (now - t0)) for t0, size in self._running_work.values())
+        ahead = sum(min(r.left, n) for r in self._queue if not r.abandoned)
+        expected_s = running_s + (ahead + n) * per_image
         if expected_s > remaining_s:
             raise DeadlineUnmet(
-                f"model '{self.name}' cannot finish this request in time: {n} images behind {ahead} "
+                f"model '{self.name}' cannot finish this request in time: {n} images behind {ahead} queued "
                 f"would take about {expected_s:.1f} s at {per_image * 1000:.1f} ms per image, and "
                 f"{remaining_s:.1f} s of its {timeout_s:g} s timeout are left; retry later",
-                retry_after_s=math.ceil(ahead * per_image) if ahead else self._retry_after(),
+                retry_after_s=math.ceil(running_s + ahead * per_image),
             )
 
     def _retry_after(self) -> int:
@@ -324,6 +328,7 @@ class DynamicBatcher:
     async def _execute(self, batch: list[_Slice], size: int) -> None:
         try:
             started = time.perf_counter()
+            self._running_work[id(batch)] = (started, size)
             for piece in batch:
                 piece.request.started = started
                 self._m_queue.observe(started - piece.request.enqueued)
@@ -344,6 +349,7 @@ class DynamicBatcher:
         finally:
             self._running -= len(batch)
             self._running_images -= size
+            self._running_work.pop(id(batch), None)
             self._slots.release()
 
     def _compute(self, parts: list[np.ndarray]) -> list[Outputs]:
