@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def fuzz(url: str, headers: dict[str, str], examples: int, seed: int = 0) -> dict:
     """Run the cases; returns counts by operation and status, and the 5xx cases as curl commands."""
     import schemathesis
-    from hypothesis import HealthCheck, Phase, given, seed as hseed, settings
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as hseed
     from hypothesis import strategies as st
 
     schema = schemathesis.openapi.from_dict(httpx.get(url + "/openapi.json", headers=headers, timeout=30).json())

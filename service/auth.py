@@ -99,7 +99,7 @@ class AuthMiddleware:
         self.open_metrics = open_metrics
 
     def is_open(self, path: str) -> bool:
-        return (path == "/" or path.startswith("/v2/health/") or path.startswith("/static/")
+        return (path == "/" or path.startswith(("/v2/health/", "/static/"))
                 or (path == "/metrics" and self.open_metrics))
 
     def principal(self, authorization: str | None) -> str | None:

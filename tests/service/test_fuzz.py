@@ -14,9 +14,9 @@ from conftest import TINY, LiveServer, make_settings
 
 schemathesis = pytest.importorskip("schemathesis")
 
-from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from schemathesis.checks import not_a_server_error  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
+from schemathesis.checks import not_a_server_error
 
 KEY = "gsa_fuzz-key-0123456789"
 EXAMPLES = int(os.environ.get("GSA_FUZZ_EXAMPLES", "6"))
