@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import uvicorn
@@ -17,12 +18,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=settings.port)
     parser.add_argument("--model-dir", default=None, help="model repository (overrides GSA_MODEL_DIR)")
     args = parser.parse_args(argv)
+    update = {"host": args.host, "port": args.port}  # GSA_AUTH=auto decides from the address bound
     if args.model_dir is not None:
-        settings = settings.model_copy(update={"model_dir": Path(args.model_dir)})
+        update["model_dir"] = Path(args.model_dir)
+    settings = settings.model_copy(update=update)
     from service.app import create_app
+    from service.auth import AuthConfigError
 
+    try:
+        app = create_app(settings)
+    except AuthConfigError as exc:
+        sys.exit(f"python -m service: {exc}")
     uvicorn.run(
-        create_app(settings),
+        app,
         host=args.host,
         port=args.port,
         log_config=None,  # the app configures logging (JSON lines)

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
+from service.auth import AuthMiddleware, configure as configure_auth
 from service.errors import ServiceError
 from service.jobs import JobManager
 from service.logs import configure_logging
@@ -55,9 +56,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app; models load in the background once it starts (ready after warm-up)."""
+    """Build the app; models load in the background once it starts (ready after warm-up).
+
+    Raises:
+        AuthConfigError: authentication is on (``GSA_AUTH``) but no API key is configured.
+    """
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_json)
+    api_keys = configure_auth(settings)
+    log.info("authentication %s", f"on ({len(api_keys)} API keys)" if api_keys else "off")
     app = FastAPI(title="GSA-Serve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     service_metrics = ServiceMetrics()
     app.state.settings = settings
@@ -69,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _add_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, large_prefixes=("/v1/jobs",),
                        large_max_bytes=settings.max_upload_bytes)
+    app.add_middleware(AuthMiddleware, keys=api_keys, open_metrics=not settings.metrics_auth)
     app.add_middleware(RequestContextMiddleware, metrics=service_metrics, access_log_enabled=settings.access_log)
     return app
 

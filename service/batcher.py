@@ -1,10 +1,16 @@
 """Dynamic batching in front of one model version (asyncio; no FastAPI).
 
-Requests (each ``[n, H, W, C]``) wait in a bounded queue; a batch is formed as soon as a worker
-is free, from the oldest request plus whatever else arrives until ``max_batch_size`` images or
-``max_queue_delay_ms`` after that oldest request's arrival. Session runs happen in a thread pool,
-so the event loop keeps serving while ONNX Runtime computes. A full queue answers 429 with a
-Retry-After estimated from recent throughput; a request that waits past its timeout answers 503.
+Requests (each ``[n, H, W, C]``) wait in a bounded queue, served round-robin: a batch is formed as
+soon as a worker is free, from the images of the request whose turn it is, then of the next ones,
+until ``max_batch_size`` images or ``max_queue_delay_ms`` after the first request's arrival. A
+request that did not fit whole goes to the back of the round with the rest of its images, so a
+1-image request is served between the batches of a 256-image one instead of after all of them.
+Session runs happen in a thread pool, so the event loop keeps serving while ONNX Runtime computes.
+
+Admission: a full queue answers 429; a request that cannot finish before its deadline, at the
+measured seconds per image with the images served ahead of it, is refused up front (503, or 413
+when it could not finish even alone); one that waits past its deadline answers 503. All with a
+Retry-After estimated from recent throughput.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from service.errors import Overloaded, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable
+from service.errors import DeadlineUnmet, Overloaded, PayloadTooLarge, RequestTimeout, ServiceError, Unavailable
 from service.metrics import ServiceMetrics
 from service.settings import BatchingSettings
 from service.stats import ModelStats
@@ -43,17 +49,49 @@ class InferenceFailed(ServiceError):
     outcome = "error"
 
 
-@dataclass
-class _Item:
+@dataclass(eq=False)
+class _Request:
+    """One request's images, handed to batches a slice at a time."""
+
     images: np.ndarray  # n, H, W, C
-    future: asyncio.Future
+    future: asyncio.Future  # the whole request's outputs
     enqueued: float = field(default_factory=time.perf_counter)
-    abandoned: bool = False  # the requester gave up (timeout, disconnect)
-    started: float = 0.0  # when its batch went to a worker
+    taken: int = 0  # images handed to batches
+    computed: int = 0  # images whose outputs came back
+    parts: list[tuple[int, Outputs]] = field(default_factory=list)  # (first image, outputs)
+    abandoned: bool = False  # the requester gave up (timeout, disconnect) or a part failed
+    started: float = 0.0  # when its latest slice went to a worker
 
     @property
     def n(self) -> int:
         return len(self.images)
+
+    @property
+    def left(self) -> int:
+        return self.n - self.taken
+
+    def add(self, start: int, outputs: Outputs) -> None:
+        """Outputs of a slice; the request's future gets them all, in order, with the last one."""
+        self.parts.append((start, outputs))
+        self.computed += len(next(iter(outputs.values())))
+        if self.computed == self.n and not self.future.done():
+            parts = [o for _, o in sorted(self.parts, key=lambda p: p[0])]
+            self.future.set_result(parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+
+
+@dataclass(frozen=True)
+class _Slice:
+    request: _Request
+    start: int
+    stop: int
+
+    @property
+    def n(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def images(self) -> np.ndarray:
+        return self.request.images[self.start : self.stop]
 
 
 class DynamicBatcher:
@@ -67,6 +105,8 @@ class DynamicBatcher:
         in_flight: requests in the whole server now (HTTP requests being handled). When every
             one of them is already in this batch or running, nobody can join the batch, so it runs
             at once instead of waiting out ``max_queue_delay_ms`` (a lone client pays no delay).
+        seconds_per_image: a first estimate of the compute time per image (from the warm-up), for
+            admission until batches have been measured.
     """
 
     def __init__(
@@ -78,22 +118,25 @@ class DynamicBatcher:
         stats: ModelStats,
         metrics: ServiceMetrics,
         in_flight: Callable[[], int] | None = None,
+        seconds_per_image: float = 0.0,
     ):
         self.name, self.version = name, version
         self.config = config
         self._run = run
         self._stats = stats
-        self._queue: collections.deque[_Item] = collections.deque()
-        self._pending = 0  # images queued
+        self._queue: collections.deque[_Request] = collections.deque()  # requests with images left, in turn
+        self._pending = 0  # images queued (not yet handed to a batch)
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(config.workers)
         self._executor = ThreadPoolExecutor(config.workers, thread_name_prefix=f"ort-{name}-{version}")
         self._inflight: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
         self._closing = False
-        self._seconds_per_image = 0.0  # moving average, for Retry-After
+        self._seconds_per_image = seconds_per_image  # moving average, for admission and Retry-After
         self._in_flight = in_flight
-        self._running = 0  # requests (queue items) in batches being computed
+        self._running = 0  # request slices in batches being computed
+        self._running_images = 0
+        self._running_work: dict[int, tuple[float, int]] = {}  # id of a running batch: (started, images)
         labels = dict(model=name, version=version)
         self._m_queue = metrics.queue_duration.labels(**labels)
         self._m_compute = metrics.compute_duration.labels(**labels)
@@ -118,9 +161,9 @@ class DynamicBatcher:
             # a bug, not a bad request: nothing would serve this model any more, so say so loudly
             log.error("batcher of %s/%s stopped", self.name, self.version, exc_info=task.exception())
             self._closing = True
-            for item in self._queue:
-                if not item.future.done():
-                    item.future.set_exception(InferenceFailed(f"the batcher of model '{self.name}' stopped"))
+            for req in self._queue:
+                if not req.future.done():
+                    req.future.set_exception(InferenceFailed(f"the batcher of model '{self.name}' stopped"))
 
     async def close(self) -> None:
         """Stop taking requests, finish the queued and running ones, free the threads."""
@@ -132,66 +175,114 @@ class DynamicBatcher:
             await asyncio.gather(*self._inflight, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
+    @property
+    def seconds_per_image(self) -> float:
+        """Measured compute seconds per image (moving average; 0 before any measure)."""
+        return self._seconds_per_image
+
     # ---- requests -----------------------------------------------------------------------
-    async def infer(self, images: np.ndarray, timeout_s: float) -> Outputs:
-        """Queue ``images`` and wait for their outputs (``timeout_s`` from now, queue included)."""
+    async def infer(self, images: np.ndarray, timeout_s: float, started: float | None = None) -> Outputs:
+        """Queue ``images`` and wait for their outputs until ``started + timeout_s`` (``started``:
+        a ``time.perf_counter()`` from when the request began, so that decoding counts; now when
+        None)."""
         if self._closing:
             raise Unavailable("the server is shutting down")
+        now = time.perf_counter()
+        deadline = (now if started is None else started) + timeout_s
+        if now >= deadline:
+            raise RequestTimeout(f"request to model '{self.name}' timed out after {timeout_s:g} s "
+                                 f"(reading and decoding it took {now - started:.2f} s)")
         n = len(images)
-        if n > self.config.max_queue_size:
-            raise PayloadTooLarge(
-                f"request holds {n} images but the queue of model '{self.name}' takes at most "
-                f"{self.config.max_queue_size}; split it"
-            )
-        if self._pending + n > self.config.max_queue_size:
-            raise Overloaded(
-                f"model '{self.name}' is overloaded ({self._pending} images queued, limit "
-                f"{self.config.max_queue_size}); retry later",
-                retry_after_s=self._retry_after(),
-            )
-        loop = asyncio.get_running_loop()
-        step = self.max_batch
-        items = [_Item(images[i : i + step], loop.create_future()) for i in range(0, n, step)]
-        self._queue.extend(items)
+        self._admit(n, timeout_s, deadline - now)
+        req = _Request(images, asyncio.get_running_loop().create_future(), now)
+        self._queue.append(req)
         self._pending += n
         self._m_depth.set(self._pending)
         self._wakeup.set()
-        waiter = asyncio.gather(*(it.future for it in items))
         try:
-            parts = await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
+            out = await asyncio.wait_for(asyncio.shield(req.future), deadline - now)
         except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
-            for it in items:
-                it.abandoned = True
-            waiter.add_done_callback(_consume)
-            self._stats.request_done(False, time.perf_counter() - items[0].enqueued)
+            req.abandoned = True
+            req.future.add_done_callback(_consume)
+            self._stats.request_done(False, time.perf_counter() - req.enqueued)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise RequestTimeout(
                 f"request to model '{self.name}' timed out after {timeout_s:g} s (queued or computing)"
             ) from None
         except Exception:
-            self._stats.request_done(False, time.perf_counter() - items[0].enqueued)
+            self._stats.request_done(False, time.perf_counter() - req.enqueued)
             raise
-        done = time.perf_counter()
-        self._stats.request_done(True, done - items[0].enqueued, max(it.started - it.enqueued for it in items))
-        if len(parts) == 1:
-            return parts[0]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        self._stats.request_done(True, time.perf_counter() - req.enqueued, req.started - req.enqueued)
+        return out
+
+    def _admit(self, n: int, timeout_s: float, remaining_s: float) -> None:
+        """Refuse up front what cannot fit the queue or cannot finish before its deadline."""
+        cfg = self.config
+        if n > cfg.max_queue_size:
+            raise PayloadTooLarge(
+                f"request holds {n} images but the queue of model '{self.name}' takes at most "
+                f"{cfg.max_queue_size}; split it"
+            )
+        if self._pending + n > cfg.max_queue_size:
+            raise Overloaded(
+                f"model '{self.name}' is overloaded ({self._pending} images queued, limit "
+                f"{cfg.max_queue_size}); retry later",
+                retry_after_s=self._retry_after(),
+            )
+        per_image = self._seconds_per_image / cfg.workers
+        if per_image <= 0:
+            return  # nothing measured yet
+        alone_s = n * per_image
+        if alone_s > timeout_s and n > self.max_batch:
+            raise PayloadTooLarge(
+                f"request of {n} images would take about {alone_s:.1f} s at {per_image * 1000:.1f} ms per image, "
+                f"over the request timeout of {timeout_s:g} s; split it"
+            )
+        # round-robin: before our last image, each queued request gets at most as many images as ours;
+        # the running batches count for what is left of them
+        now = time.perf_counter()
+        running_s = sum(max(0.0, size * per_image - (now - t0)) for t0, size in self._running_work.values())
+        ahead = sum(min(r.left, n) for r in self._queue if not r.abandoned)
+        expected_s = running_s + (ahead + n) * per_image
+        if expected_s > remaining_s:
+            raise DeadlineUnmet(
+                f"model '{self.name}' cannot finish this request in time: {n} images behind {ahead} queued "
+                f"would take about {expected_s:.1f} s at {per_image * 1000:.1f} ms per image, and "
+                f"{remaining_s:.1f} s of its {timeout_s:g} s timeout are left; retry later",
+                retry_after_s=math.ceil(running_s + ahead * per_image),
+            )
 
     def _retry_after(self) -> int:
         per_image = self._seconds_per_image or 0.01
         return max(1, math.ceil(self._pending * per_image / self.config.workers))
 
     # ---- the loop -----------------------------------------------------------------------
-    async def _next(self) -> _Item | None:
-        """The oldest live item, waiting for one; None once closing with an empty queue."""
+    def _take(self, room: int) -> _Slice | None:
+        """Up to ``room`` images of the request whose turn it is; a request with images left goes
+        to the back of the round. None when nothing live is queued."""
+        while self._queue:
+            req = self._queue.popleft()
+            if req.abandoned:
+                self._pending -= req.left
+                req.taken = req.n
+                req.future.cancel()
+                continue
+            k = min(room, req.left)
+            piece = _Slice(req, req.taken, req.taken + k)
+            req.taken += k
+            self._pending -= k
+            if req.left:
+                self._queue.append(req)
+            return piece
+        return None
+
+    async def _next(self) -> _Slice | None:
+        """The next slice, waiting for one; None once closing with an empty queue."""
         while True:
-            while self._queue:
-                item = self._queue.popleft()
-                self._pending -= item.n
-                if not item.abandoned:
-                    return item
-                item.future.cancel()
+            piece = self._take(self.max_batch)
+            if piece is not None:
+                return piece
             self._m_depth.set(self._pending)
             if self._closing:
                 return None
@@ -208,21 +299,12 @@ class DynamicBatcher:
                 return
             batch, size = [first], first.n
             if cfg.enabled:
-                flush_at = first.enqueued + cfg.max_queue_delay_ms / 1000
+                flush_at = first.request.enqueued + cfg.max_queue_delay_ms / 1000
                 while size < cfg.max_batch_size:
-                    if self._queue:
-                        nxt = self._queue[0]
-                        if nxt.abandoned:
-                            self._queue.popleft()
-                            self._pending -= nxt.n
-                            nxt.future.cancel()
-                            continue
-                        if size + nxt.n > cfg.max_batch_size:
-                            break
-                        self._queue.popleft()
-                        self._pending -= nxt.n
-                        batch.append(nxt)
-                        size += nxt.n
+                    piece = self._take(cfg.max_batch_size - size)
+                    if piece is not None:
+                        batch.append(piece)
+                        size += piece.n
                         continue
                     wait = flush_at - time.perf_counter()
                     if wait <= 0 or self._closing or self._alone(len(batch)):
@@ -234,7 +316,8 @@ class DynamicBatcher:
                         break
             self._m_depth.set(self._pending)
             self._running += len(batch)
-            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            self._running_images += size
+            task = asyncio.get_running_loop().create_task(self._execute(batch, size))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
@@ -242,27 +325,31 @@ class DynamicBatcher:
         """Whether no request outside this batch and the running ones is in the server."""
         return self._in_flight is not None and self._in_flight() <= batched + self._running
 
-    async def _execute(self, batch: list[_Item]) -> None:
+    async def _execute(self, batch: list[_Slice], size: int) -> None:
         try:
             started = time.perf_counter()
-            for it in batch:
-                it.started = started
-                self._m_queue.observe(started - it.enqueued)
+            self._running_work[id(batch)] = (started, size)
+            for piece in batch:
+                piece.request.started = started
+                self._m_queue.observe(started - piece.request.enqueued)
             loop = asyncio.get_running_loop()
             try:
-                outputs = await loop.run_in_executor(self._executor, self._compute, [it.images for it in batch])
+                outputs = await loop.run_in_executor(self._executor, self._compute, [p.images for p in batch])
             except Exception as exc:
                 log.exception("inference failed for %s/%s", self.name, self.version)
                 error = InferenceFailed(f"inference failed in model '{self.name}': {type(exc).__name__}: {exc}")
-                for it in batch:
-                    if not it.future.done():
-                        it.future.set_exception(error)
+                for piece in batch:
+                    piece.request.abandoned = True  # its other slices need not run
+                    if not piece.request.future.done():
+                        piece.request.future.set_exception(error)
                 return
-            for it, out in zip(batch, outputs):
-                if not it.future.done():
-                    it.future.set_result(out)
+            for piece, out in zip(batch, outputs):
+                if not piece.request.future.done():
+                    piece.request.add(piece.start, out)
         finally:
             self._running -= len(batch)
+            self._running_images -= size
+            self._running_work.pop(id(batch), None)
             self._slots.release()
 
     def _compute(self, parts: list[np.ndarray]) -> list[Outputs]:

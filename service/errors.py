@@ -14,6 +14,7 @@ __all__ = [
     "PayloadTooLarge",
     "UnsupportedMediaType",
     "Overloaded",
+    "DeadlineUnmet",
     "RequestTimeout",
     "Unavailable",
 ]
@@ -87,6 +88,14 @@ class Overloaded(ServiceError):
 
     def __init__(self, message: str, retry_after_s: int):
         super().__init__(message, {"Retry-After": str(max(1, int(retry_after_s)))})
+
+
+class DeadlineUnmet(Overloaded):
+    """Refused up front: at the measured speed, with the images queued ahead of it, the request
+    would not finish within its timeout. 503 with a Retry-After (an :class:`Overloaded`, so that
+    scoring jobs wait and retry)."""
+
+    status = 503
 
 
 class RequestTimeout(ServiceError):

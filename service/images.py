@@ -15,8 +15,8 @@ from PIL import Image, UnidentifiedImageError
 from gsa_contract import ModelCard
 from service.errors import PayloadTooLarge, Unprocessable, UnsupportedMediaType
 
-__all__ = ["ImageLimits", "IMAGE_MEDIA_TYPES", "open_image", "load_pixels", "decode_image", "to_model_input",
-           "to_model_channels"]
+__all__ = ["ImageLimits", "IMAGE_MEDIA_TYPES", "open_image", "load_pixels", "decode_image", "decode_for_model",
+           "to_model_input", "to_model_channels"]
 
 IMAGE_MEDIA_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/tiff": "TIFF"}
 UPLOAD_FORMATS = ("PNG", "JPEG", "TIFF")
@@ -88,6 +88,26 @@ def decode_image(source: bytes | Path, limits: ImageLimits, what: str = "image",
         return load_pixels(img, what, convert_modes)
 
 
+def decode_for_model(source: bytes | Path, limits: ImageLimits, card: ModelCard, resize: bool = False,
+                     convert: bool = False, what: str = "image") -> np.ndarray:
+    """Bytes or a file -> the card's ``[height, width, channels]``. Without ``resize`` an image of
+    another size is refused (422) from its header, before its pixels are decoded: a large image
+    sent to a small model costs a header read, not a decode."""
+    with open_image(source, limits, what) as img:
+        if not resize and img.size != (card.width, card.height):
+            _wrong_size(img.size, card, what)
+        pixels = load_pixels(img, what, convert_modes=False)
+    return to_model_input(pixels, card, resize, convert, what)
+
+
+def _wrong_size(size: tuple[int, int], card: ModelCard, what: str) -> None:
+    w, h = size
+    raise Unprocessable(
+        f"{what} is {w}x{h} but model '{card.name}' takes {card.width}x{card.height}; "
+        f"send {card.width}x{card.height} images or pass resize=true"
+    )
+
+
 def to_model_input(
     pixels: np.ndarray, card: ModelCard, resize: bool = False, convert: bool = False, what: str = "image"
 ) -> np.ndarray:
@@ -98,10 +118,7 @@ def to_model_input(
     pixels = to_model_channels(pixels, card, convert, what)
     if (h, w) != (card.height, card.width):
         if not resize:
-            raise Unprocessable(
-                f"{what} is {w}x{h} but model '{card.name}' takes {card.width}x{card.height}; "
-                f"send {card.width}x{card.height} images or pass resize=true"
-            )
+            _wrong_size((w, h), card, what)
         mode = "L" if pixels.shape[2] == 1 else "RGB"
         img = Image.fromarray(pixels[:, :, 0] if mode == "L" else pixels)
         pixels = np.asarray(img.resize((card.width, card.height), Image.Resampling.BILINEAR), dtype=np.uint8)

@@ -51,7 +51,11 @@ def open_session(entry: VersionEntry, settings: Settings) -> OnnxModel:
         log.warning("a GPU was asked for but %s/%s runs on %s", entry.name, entry.version, model.providers)
     elif settings.device == "auto" and "CUDAExecutionProvider" in providers and not model.on_gpu:
         log.warning("CUDA is available but %s/%s fell back to %s", entry.name, entry.version, model.providers)
-    if settings.warmup:
+    if settings.warmup and model.on_gpu:
+        # GPUs warm up at batch 1 and the max batch (allocation, kernel choice). CPUs do not: the
+        # graph check already ran batch 1, and a first run at a new batch size cost no more than
+        # the next ones (rotmnist-r4 at batch 32: 12.6 s then 13.7 s on a loaded 2-core machine)
+        # while the max-batch warm-up was most of the start-up (142 s for models/, docs/serving.md).
         bs = settings.batching_for(entry.name)
         model.warmup([1, bs.max_batch_size if bs.enabled else 1])
     return model
@@ -75,9 +79,10 @@ class ServedModel:
     def version(self) -> str:
         return self.card.version
 
-    async def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """``images`` uint8 ``[N, H, W, C]`` through the batcher (the request timeout applies)."""
-        return await self.batcher.infer(images, self.timeout_s)
+    async def infer(self, images: np.ndarray, started: float | None = None) -> dict[str, np.ndarray]:
+        """``images`` uint8 ``[N, H, W, C]`` through the batcher; the request timeout runs from
+        ``started`` (a ``time.perf_counter()`` from when the request began; now when None)."""
+        return await self.batcher.infer(images, self.timeout_s, started)
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """The same from a worker thread (scoring jobs), one batcher-sized part at a time, so that
@@ -159,7 +164,11 @@ class ModelServer:
 
     async def _load_all(self) -> None:
         t0 = time.perf_counter()
-        pending = [mv for mv in self.all() if mv.state is ModelState.LOADING]
+        # each model's newest version first (then the second newest, ...): they answer requests
+        # that name no version, and readiness waits for one version of each model
+        rank = {id(mv): i for versions in self.versions.values()
+                for i, mv in enumerate(sorted(versions.values(), key=lambda mv: version_key(mv.version), reverse=True))}
+        pending = sorted((mv for mv in self.all() if mv.state is ModelState.LOADING), key=lambda mv: rank[id(mv)])
         slots = asyncio.Semaphore(self.settings.load_concurrency)
 
         async def load(mv: ModelVersion) -> None:
@@ -184,6 +193,7 @@ class ModelServer:
             mv.name, mv.version, session.run, self.settings.batching_for(mv.name), stats, self.metrics,
             in_flight=lambda: self.metrics.in_flight,
         )
+        self._check_limits(mv, getattr(session, "warmup_seconds_per_image", 0.0))
         batcher.start()
         assert mv.card is not None
         mv.served = ServedModel(mv.card, session, batcher, asyncio.get_running_loop(), self.settings.request_timeout_s)
@@ -193,6 +203,19 @@ class ModelServer:
         self.metrics.model_ready.labels(mv.name, mv.version).set(1)
         for i, provider in enumerate(session.providers):
             self.metrics.provider_info.labels(mv.name, mv.version, provider).set(1 if i == 0 else 0)
+
+    def _check_limits(self, mv: ModelVersion, seconds_per_image: float) -> None:
+        """Warn when, at the warm-up's speed, a maximal request cannot finish within the timeout."""
+        s = self.settings
+        workers = s.batching_for(mv.name).workers
+        worst_s = s.max_images_per_request * seconds_per_image / workers
+        if worst_s > s.request_timeout_s:
+            log.warning(
+                "model %s/%s: a request of %d images (GSA_MAX_IMAGES_PER_REQUEST) would take about %.1f s at the "
+                "warm-up's %.1f ms per image, over GSA_REQUEST_TIMEOUT_S=%g; such requests will be refused",
+                mv.name, mv.version, s.max_images_per_request, worst_s, seconds_per_image * 1000, s.request_timeout_s,
+                extra={"model": mv.name, "version": mv.version},
+            )
 
     async def stop(self) -> None:
         """Stop loading, let every batcher finish what it holds, release the sessions."""
@@ -212,12 +235,30 @@ class ModelServer:
     # ---- state --------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        """Loaded and warmed up (every model, when strict), and not shutting down."""
-        if not self.loaded.is_set() or self.shutting_down:
+        """Every model can serve with its final default version: the newest one that did not fail
+        is loaded (older versions may still load, answering 503 until they are ready). When
+        strict: every version has loaded and is ready. False while shutting down."""
+        if self._load_task is None or self.shutting_down:
             return False
         if self.settings.strict_readiness:
-            return all(mv.ready for mv in self.all())
-        return True
+            return self.loaded.is_set() and all(mv.ready for mv in self.all())
+        return all(self._default_settled(versions) for versions in self.versions.values())
+
+    @staticmethod
+    def _default_settled(versions: dict[str, ModelVersion]) -> bool:
+        """Whether the version that answers requests naming none is final: the newest version
+        that did not fail is ready (an older one finishing first does not count)."""
+        for mv in sorted(versions.values(), key=lambda mv: version_key(mv.version), reverse=True):
+            if mv.state is ModelState.LOADING:
+                return False
+            if mv.ready:
+                return True
+        return True  # every version failed: nothing to wait for
+
+    @property
+    def loading(self) -> bool:
+        """Whether a version is still loading."""
+        return any(mv.state is ModelState.LOADING for mv in self.all())
 
     def all(self) -> list[ModelVersion]:
         return [mv for versions in self.versions.values() for mv in versions.values()]

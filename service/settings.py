@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["BatchingSettings", "BatchingOverride", "Settings", "get_settings"]
@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     job_checkpoint_tiles: int = Field(256, ge=1)  # a running job saves its scored tiles (patches) this often
     job_lease_s: float = Field(60.0, gt=0)  # a job whose worker (another host) is silent this long is taken over
     job_poll_s: float = Field(1.0, gt=0)  # idle workers look for jobs queued by other processes this often
+
+    # authentication (service/auth.py): bearer API keys, kept as sha256 hashes
+    auth: Literal["auto", "on", "off"] = "auto"  # auto: off when ``host`` is loopback, on otherwise
+    api_keys: SecretStr | None = None  # GSA_API_KEYS: comma-separated ``name:sha256hex`` or plain keys
+    api_keys_file: Path | None = None  # one ``name:sha256hex`` a line
+    metrics_auth: bool = False  # True: /metrics needs a key too
 
     # readiness and logging
     strict_readiness: bool = False  # True: the server is ready only when every model is

@@ -22,10 +22,10 @@ async def live() -> dict:
 
 @router.get("/health/ready", responses={400: {"model": ErrorResponse}})
 async def ready(server: ServerDep):
-    """Whether every model has been loaded and warmed up (200) or not yet (400)."""
+    """Whether every model can serve, a version loaded and warmed up (200), or not yet (400)."""
     if server.ready:
         return {"ready": True}
-    reason = "shutting down" if server.shutting_down else "models are loading" if not server.loaded.is_set() else "a model failed to load"
+    reason = "shutting down" if server.shutting_down else "models are loading" if server.loading else "a model failed to load"
     return JSONResponse({"ready": False, "error": f"server is not ready: {reason}"}, status_code=400)
 
 

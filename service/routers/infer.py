@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import zlib
 
 import numpy as np
@@ -43,6 +44,7 @@ async def infer_version(model: VersionModelDep, request: Request, server: Server
 
 
 async def _infer(request: Request, server: ModelServer, settings: Settings, model: ServedModel) -> Response:
+    started = time.perf_counter()  # the request timeout covers reading, parsing and queueing
     body = _decompress(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
     header_length = request.headers.get(HEADER_LENGTH)
     if len(body) > _PARSE_INLINE_BYTES:
@@ -51,7 +53,7 @@ async def _infer(request: Request, server: ModelServer, settings: Settings, mode
         req = parse_infer_request(body, header_length)
     card = model.card
     images = _image_input(req, card, settings.max_images_per_request)
-    outputs = await model.infer(images)
+    outputs = await model.infer(images, started)
     selected = _select_outputs(req, outputs, card)
     content, json_length = encode_infer_response(model.name, model.version, req.id, selected)
     server.metrics.inference_requests.labels(model.name, model.version, "success").inc()

@@ -4,6 +4,7 @@ probabilities and orientation responses out."""
 from __future__ import annotations
 
 import asyncio
+import time
 import base64
 import binascii
 import json
@@ -17,7 +18,7 @@ from starlette.datastructures import UploadFile
 from gsa_contract import FEATURES, ModelCard
 from service.dependencies import LatestModelDep, ServerDep, SettingsDep, VersionModelDep
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from service.images import IMAGE_MEDIA_TYPES, ImageLimits, decode_image, to_model_input
+from service.images import IMAGE_MEDIA_TYPES, ImageLimits, decode_for_model
 from service.runtime import ModelServer, ServedModel
 from service.schemas import Base64Images, ErrorResponse, PredictResponse
 from service.settings import Settings
@@ -64,6 +65,7 @@ async def _predict(
     request: Request, server: ModelServer, settings: Settings, model: ServedModel, resize: bool, convert: bool,
     features: bool = False,
 ) -> JSONResponse:
+    started = time.perf_counter()  # the request timeout covers reading, decoding and queueing
     card = model.card
     if features and card.feature_dim is None:
         raise BadRequest(f"model '{card.name}' version '{card.version}' was exported without features; "
@@ -73,7 +75,7 @@ async def _predict(
 
     def prepare() -> np.ndarray:
         return np.stack([
-            to_model_input(decode_image(data, limits, what), card, resize, convert, what)
+            decode_for_model(data, limits, card, resize, convert, what)
             for what, data in ((_describe(i, name), data) for i, (name, data) in enumerate(uploads))
         ])
 
@@ -81,7 +83,7 @@ async def _predict(
         images = await asyncio.to_thread(prepare)
     else:
         images = prepare()  # small images decode faster than a hop to a thread
-    outputs = await model.infer(images)
+    outputs = await model.infer(images, started)
     server.metrics.inference_requests.labels(model.name, model.version, "success").inc()
     # built as plain JSON: the response model documents it, re-validating every number would only cost time
     return JSONResponse({

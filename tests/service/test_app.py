@@ -190,6 +190,50 @@ def test_not_ready_while_models_load(model_repo, monkeypatch):
             time.sleep(0.02)
 
 
+def test_ready_once_each_model_can_serve_while_older_versions_load(model_repo, monkeypatch):
+    """Each model's newest version loads first; the server is ready when every model has a ready
+    version (older ones still loading answer 503), and, when strict, only once every version is."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    import service.runtime as runtime
+
+    gate = threading.Event()
+    real = runtime.open_session
+    order = []
+
+    def slow_old(entry, settings):
+        order.append((entry.name, entry.version))
+        if entry.version == "1" and entry.name == TINY:
+            gate.wait(10)
+        return real(entry, settings)
+
+    monkeypatch.setattr(runtime, "open_session", slow_old)
+    for strict in (False, True):
+        gate.clear()
+        order.clear()
+        with TestClient(create_app(make_settings(model_repo, strict_readiness=strict, load_concurrency=1))) as c:
+            deadline = time.monotonic() + 60
+            while (TINY, "1") not in order:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            time.sleep(0.2)
+            assert order[0] == (TINY, "2")  # the newest version first
+            assert c.get(f"/v2/models/{TINY}/versions/2/ready").status_code == 200
+            assert c.get(f"/v2/models/{TINY}/versions/1/ready").status_code == 400
+            r = c.get("/v2/health/ready")
+            assert r.status_code == (400 if strict else 200), r.text
+            r = c.post(f"/v1/models/{TINY}/versions/1/predict", content=_png(), headers={"content-type": "image/png"})
+            assert r.status_code == 503 and "LOADING" in r.json()["error"]
+            gate.set()
+            deadline = time.monotonic() + 60
+            while c.get(f"/v2/models/{TINY}/versions/1/ready").status_code != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            r = c.get("/v2/health/ready")  # strict: never, the broken model failed
+            assert r.status_code == (400 if strict else 200) and (not strict or "failed" in r.json()["error"])
+
+
 def test_graceful_shutdown_finishes_in_flight_requests(model_repo):
     server = LiveServer(make_settings(model_repo)).__enter__()
     try:

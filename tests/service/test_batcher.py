@@ -13,7 +13,7 @@ import pytest
 
 from conftest import TINY, LiveServer, make_settings
 from service.batcher import DynamicBatcher, InferenceFailed
-from service.errors import Overloaded, PayloadTooLarge, RequestTimeout, Unavailable
+from service.errors import DeadlineUnmet, Overloaded, PayloadTooLarge, RequestTimeout, Unavailable
 from service.metrics import ServiceMetrics
 from service.settings import BatchingSettings
 from service.stats import ModelStats
@@ -27,21 +27,23 @@ class FakeSession:
         self.delay_s = delay_s
         self.fail = fail
         self.batches: list[int] = []
+        self.contents: list[list[int]] = []  # the first pixel of each image of each batch
         self.gate = threading.Event()
         self.gate.set()
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         self.gate.wait(5)
         self.batches.append(len(images))
+        self.contents.append(images[:, 0, 0, 0].tolist())
         time.sleep(self.delay_s)
         if self.fail:
             raise RuntimeError("boom")
         return {"echo": images.reshape(len(images), -1)[:, :1].astype(np.float32)}
 
 
-def _batcher(session: FakeSession, in_flight=None, **config) -> DynamicBatcher:
+def _batcher(session: FakeSession, in_flight=None, seconds_per_image: float = 0.0, **config) -> DynamicBatcher:
     cfg = BatchingSettings(**{"max_batch_size": 4, "max_queue_delay_ms": 20, "max_queue_size": 64, **config})
-    return DynamicBatcher("m", "1", session, cfg, ModelStats("m", "1"), ServiceMetrics(), in_flight)
+    return DynamicBatcher("m", "1", session, cfg, ModelStats("m", "1"), ServiceMetrics(), in_flight, seconds_per_image)
 
 
 def _req(value: int, n: int = 1) -> np.ndarray:
@@ -191,6 +193,54 @@ def test_close_finishes_queued_requests_then_refuses_new_ones():
     assert [int(o["echo"][0, 0]) for o in outs] == list(range(6))
 
 
+def test_requests_are_served_round_robin():
+    """A request that does not fit one batch goes to the back of the round with its other images:
+    later requests are served between its batches, and batches are filled across requests."""
+    session = FakeSession()
+    session.gate.clear()
+
+    async def main():
+        b = _batcher(session, max_batch_size=2, max_queue_delay_ms=0)
+        b.start()
+        a = asyncio.ensure_future(b.infer(_req(1, n=6), 5))
+        await asyncio.sleep(0.05)  # A's first 2 images are taken and blocked in the session
+        others = [asyncio.ensure_future(b.infer(_req(2, n=2), 5)), asyncio.ensure_future(b.infer(_req(3), 5))]
+        await asyncio.sleep(0.01)
+        session.gate.set()
+        outs = await asyncio.gather(a, *others)
+        await b.close()
+        return outs
+
+    outs = _run(main())
+    # FIFO by parts would be [1,1] [1,1] [1,1] [2,2] [3]: the 1-image request last
+    assert session.contents == [[1, 1], [1, 1], [2, 2], [3, 1], [1]]
+    assert [o["echo"][:, 0].tolist() for o in outs] == [[1.0] * 6, [2.0] * 2, [3.0]]
+
+
+def test_admission_refuses_what_cannot_finish_in_time():
+    session = FakeSession(delay_s=0.2)
+
+    async def main():
+        b = _batcher(session, max_batch_size=2, max_queue_delay_ms=0, seconds_per_image=0.1)
+        b.start()
+        running = asyncio.ensure_future(b.infer(_req(0, n=8), 5))  # 8 images at 0.1 s each
+        await asyncio.sleep(0.05)
+        with pytest.raises(DeadlineUnmet) as late:
+            await b.infer(_req(1, n=2), 0.4)  # (2 of A in turn + 2 ours) x 0.1 s + what is left of the running 2 > 0.4 s
+        with pytest.raises(PayloadTooLarge, match="split it"):
+            await b.infer(_req(1, n=8), 0.4)  # 0.8 s even alone
+        with pytest.raises(RequestTimeout, match="decoding"):
+            await b.infer(_req(1), 1.0, started=time.perf_counter() - 2.0)  # decoding took the whole timeout
+        ok = await b.infer(_req(5), 5)  # within its deadline: admitted
+        await running
+        await b.close()
+        return late.value, ok
+
+    late, ok = _run(main())
+    assert late.status == 503 and int(late.headers["Retry-After"]) >= 1 and "cannot finish" in late.message
+    assert int(ok["echo"][0, 0]) == 5
+
+
 # ---- over HTTP, with the real model -------------------------------------------------------
 def _slow_down(server, seconds: float) -> None:
     """Make every session run of the default tiny version take ``seconds`` longer."""
@@ -236,7 +286,8 @@ def test_http_overload_429_and_timeout_503(model_repo):
         assert int(overloaded.headers["retry-after"]) >= 1 and "overloaded" in overloaded.json()["error"]
         timed_out = next(r for r in responses if r.status_code == 503)
         assert "timed out" in timed_out.json()["error"]
-        # the server goes on serving
+        # the server goes on serving, once the batches of the abandoned requests are done
+        time.sleep(0.35)
         r = httpx.post(f"{server.url}/v1/models/{TINY}/predict", content=_png(), headers={"content-type": "image/png"})
         assert r.status_code == 200
         metrics = httpx.get(f"{server.url}/metrics").text
@@ -265,3 +316,49 @@ def test_http_concurrent_requests_are_batched(model_repo):
         single = httpx.post(f"{server.url}/v2/models/{TINY}/infer", json={"inputs": [
             {"name": "image", "datatype": "UINT8", "shape": [1, 16, 16, 1], "data": images[5].ravel().tolist()}]}).json()
         assert responses[5].json()["outputs"][0]["data"] == pytest.approx(single["outputs"][0]["data"], rel=1e-5, abs=1e-5)
+
+
+def test_http_a_small_request_is_served_while_a_maximal_one_runs(model_repo):
+    """Round-robin over HTTP: with every session run slowed to 50 ms, a 1-image request sent while a
+    64-image request (16 batches of 4) runs finishes after a batch or two, not after all 16."""
+    settings = make_settings(model_repo, max_images_per_request=64,
+                             batching=BatchingSettings(max_batch_size=4, max_queue_delay_ms=0, max_queue_size=128))
+    with LiveServer(settings) as server:
+        _slow_down(server, 0.05)
+        big = np.zeros((64, 16, 16, 1), np.uint8)
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                async def timed(coro):
+                    t0 = time.perf_counter()
+                    r = await coro
+                    return r, time.perf_counter() - t0
+
+                large = asyncio.ensure_future(timed(client.post(f"/v2/models/{TINY}/infer", json={"inputs": [
+                    {"name": "image", "datatype": "UINT8", "shape": list(big.shape), "data": big.ravel().tolist()}]})))
+                await asyncio.sleep(0.25)  # the large request is being computed
+                small = await timed(client.post(f"/v1/models/{TINY}/predict", content=_png(),
+                                                headers={"content-type": "image/png"}))
+                return await large, small
+
+        (large, large_s), (small, small_s) = asyncio.run(scenario())
+        assert large.status_code == 200 and small.status_code == 200, (large.text, small.text)
+        print(f"latency: 64-image request {large_s:.3f} s, 1-image request {small_s:.3f} s")
+        assert large_s > 0.8  # 16 runs of 50 ms at least
+        assert small_s < 0.35 * large_s, (small_s, large_s)
+
+
+def test_warm_up_speed_is_checked_against_the_limits(model_repo, app_client):
+    """A maximal request that cannot meet the timeout at the warm-up's speed is logged at start-up."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("service").addHandler(handler)
+    try:
+        app_client(request_timeout_s=1e-6, max_images_per_request=256)
+    finally:
+        logging.getLogger("service").removeHandler(handler)
+    messages = [r.getMessage() for r in records]
+    assert any("a request of 256 images" in m and "GSA_REQUEST_TIMEOUT_S" in m for m in messages), messages

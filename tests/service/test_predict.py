@@ -160,6 +160,30 @@ def test_image_dimension_limits_before_decoding(client):
     assert r.status_code == 200
 
 
+def test_wrong_size_is_refused_from_the_header_before_decoding(model_repo, app_client, monkeypatch):
+    """A 4096x4096 PNG (within the pixel limits) for the 16x16 model: 422 from its header, its
+    pixels never decoded; with resize=true the same image is decoded."""
+    import service.images
+
+    decoded = []
+    real = service.images.load_pixels
+
+    def counting(img, *args, **kwargs):
+        decoded.append(img.size)
+        return real(img, *args, **kwargs)
+
+    monkeypatch.setattr(service.images, "load_pixels", counting)
+    c = app_client(max_image_side=4096, max_image_pixels=4096 * 4096)
+    big = _encode(np.zeros((4096, 4096), np.uint8))
+    r = c.post(f"/v1/models/{TINY}/predict", content=big, headers={"content-type": "image/png"})
+    assert r.status_code == 422 and "4096x4096" in r.json()["error"] and "resize=true" in r.json()["error"]
+    assert decoded == []
+    r = c.post(f"/v1/models/{TINY}/predict", content=_encode(_digit()), headers={"content-type": "image/png"})
+    assert r.status_code == 200 and decoded == [(16, 16)]
+    r = c.post(f"/v1/models/{TINY}/predict?resize=true", content=big, headers={"content-type": "image/png"})
+    assert r.status_code == 200 and decoded[-1] == (4096, 4096)
+
+
 def test_decompression_bomb(client):
     """A 20000x20000 PNG of zeros compresses to a few hundred kB; it must be refused from its
     header, without allocating 400 MB."""
