@@ -219,7 +219,7 @@ async def list_jobs(
     request: Request,
     limit: int = Query(50, ge=1, le=500, description="jobs per page"),
     cursor: str | None = Query(None, description="the 'next' of the previous page"),
-    offset: int = Query(0, ge=0, description="jobs to skip (without a cursor)"),
+    offset: int = Query(0, ge=0, le=10**9, description="jobs to skip (without a cursor; at most 10^9)"),
     state: JobState | None = Query(None, description="only jobs in this state"),
     order: Literal["asc", "desc"] = Query("asc", description="oldest (asc) or newest (desc) first"),
 ) -> JSONResponse:
