@@ -122,8 +122,8 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         state = scope.setdefault("state", {})
-        if self.keys is None:
-            state["principal"] = None
+        if self.keys is None:  # off: no principal of ours (an outer layer, e.g. a gateway's, may have set one)
+            state.setdefault("principal", None)
             await self.app(scope, receive, send)
             return
         authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)

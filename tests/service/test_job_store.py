@@ -128,7 +128,8 @@ def test_pagination_state_filter_and_ownership(path_model_repo, data_dir, tmp_pa
         newest = client.get("/v1/jobs?limit=4&order=desc").json()
         later = client.get(f"/v1/jobs?limit=4&order=desc&cursor={newest['next']}").json()
         assert [j["id"] for j in newest["jobs"] + later["jobs"]] == ids[::-1] and later["next"] is None
-        assert [j["id"] for j in client.get("/v1/jobs?state=failed").json()["jobs"]] == [ids[3]]
+        failed = client.get("/v1/jobs?state=failed").json()["jobs"]
+        assert [j["id"] for j in failed] == [ids[3]], [(j["id"][-2:], j["state"], j.get("error")) for j in failed]
         assert client.get("/v1/jobs?limit=501").status_code == 422
         assert client.get("/v1/jobs?cursor=bm9wZQ").status_code == 400
 
