@@ -32,6 +32,7 @@ FROM base-${VARIANT} AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY deploy/install-serve.sh deploy/
+COPY gsa_contract/ gsa_contract/
 COPY service/ service/
 RUN --mount=type=cache,target=/root/.cache/pip sh deploy/install-serve.sh /opt/venv "$SERVE_EXTRA"
 

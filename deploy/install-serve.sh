@@ -3,7 +3,7 @@
 # a fresh virtualenv at VENV holding this project with one serving extra, `serve` (onnxruntime)
 # or `serve-gpu` (onnxruntime-gpu), and no torch.
 #
-# Run it from a source tree that holds pyproject.toml, README.md and service/ only (the Docker
+# Run it from a source tree that holds pyproject.toml, README.md, gsa_contract/ and service/ only (the Docker
 # build copies just these), so that the installed package holds no training code.
 #
 # Usage: sh deploy/install-serve.sh VENV [EXTRA]

@@ -69,7 +69,7 @@ def test_variants_choose_their_extra_and_base(dockerfile):
 
 def test_build_copies_only_the_serving_code(dockerfile):
     copied = [w for ins in dockerfile.stage("build").all("COPY") for w in ins.words()[:-1]]
-    assert sorted(copied) == ["README.md", "deploy/install-serve.sh", "pyproject.toml", "service/"]
+    assert sorted(copied) == ["README.md", "deploy/install-serve.sh", "gsa_contract/", "pyproject.toml", "service/"]
 
 
 def test_serving_stage(dockerfile):
