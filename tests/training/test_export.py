@@ -158,6 +158,7 @@ def _cpu_time_limit(seconds: float):
     try:
         yield
     except _CpuTimeExceeded:
+        signal.setitimer(signal.ITIMER_PROF, 0)
         pytest.fail(f"used more than {seconds:.0f} s of CPU time")
     finally:
         signal.setitimer(signal.ITIMER_PROF, 0)
