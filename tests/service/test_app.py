@@ -72,7 +72,8 @@ def test_request_id_in_and_out_and_in_the_json_logs(app_client, caplog):
     access = [line for line in lines if line["logger"] == "service.access"]
     assert any(line["request_id"] == "abc-123" and line["status"] == 200 for line in access)
     assert any(line["request_id"] == "zzz-9" and line["status"] == 404 for line in access)
-    assert any(line["request_id"] == "zzz-9" and "unknown model 'nope'" in line["message"] for line in lines)
+    # background work (older versions still loading after ready) logs without a request id
+    assert any(line.get("request_id") == "zzz-9" and "unknown model 'nope'" in line["message"] for line in lines)
     generated = c.get("/v2/health/live", headers={"X-Request-ID": "bad id with spaces"}).headers["x-request-id"]
     assert generated != "bad id with spaces" and len(generated) == 32
 
