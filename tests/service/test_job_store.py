@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from conftest import make_settings, wait_ready
 from scoring_fixtures import PATH_MODEL
-from test_score_jobs import FINISHED, submit_path, wait_job
+from test_score_jobs import FINISHED, data_dir, jobs_client, submit_path, wait_job  # noqa: F401 (the fixtures, shared)
 
 from service.job_store import DB_FILE, SCHEMA_VERSION, Job, JobState, JobStore
 from service.scoring.checkpoint import Checkpoint
@@ -34,21 +34,6 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPARED = ("tiles.csv", "tiles.geojson", "heatmap.npy", "heatmap.png")
 
 
-@pytest.fixture
-def data_dir(tmp_path, synthetic_slides) -> Path:
-    root = tmp_path / "data"
-    root.mkdir()
-    shutil.copy(synthetic_slides["slide"], root / "synthetic.tiff")
-    return root
-
-
-@pytest.fixture
-def jobs_client(app_client, path_model_repo, data_dir, tmp_path):
-    def make(**overrides):
-        base = dict(model_dir=path_model_repo, jobs_dir=tmp_path / "jobs", data_dir=data_dir, warmup=False)
-        return app_client(**{**base, **overrides})
-
-    return make
 
 
 def _job(i: int, state: JobState = JobState.SUCCEEDED, owner: str | None = None) -> Job:
