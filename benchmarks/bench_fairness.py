@@ -91,11 +91,16 @@ async def phase(url: str, model: str, card: dict, seconds: float, concurrency: i
                 t0 = time.perf_counter()
                 r = await client.post(f"/v2/models/{model}/infer", content=body, headers={
                     "content-type": "application/octet-stream", "inference-header-content-length": str(header_len)})
-                big_status[r.status_code] += 1
+                error = r.json().get("error", "") if r.status_code != 200 else ""
+                # refused up front (admission) or given up after being admitted (deadline passed)
+                big_status[f"{r.status_code} timed out" if "timed out" in error else
+                           f"{r.status_code} refused" if error else str(r.status_code)] += 1
                 if r.status_code == 200:
                     big.append(time.perf_counter() - t0)
                 elif r.status_code in (429, 503):
                     await asyncio.sleep(float(r.headers.get("retry-after", 1)))
+                else:
+                    return  # 413: too large even alone at the measured speed, so not worth retrying
 
         await asyncio.gather(*([light_client() for _ in range(concurrency)] + [heavy_client() for _ in range(heavy)]))
     return light, light_status, big, big_status

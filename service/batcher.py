@@ -133,6 +133,12 @@ class DynamicBatcher:
         self._task: asyncio.Task | None = None
         self._closing = False
         self._seconds_per_image = seconds_per_image  # moving average, for admission and Retry-After
+        # wall seconds per image while the queue never ran dry (session runs plus the event loop's
+        # own work between them: under many HTTP clients, more than the session time alone)
+        self._busy_per_image = 0.0
+        self._last_start: float | None = None
+        self._last_size = 0
+        self._idle = True  # the queue ran dry since the last batch started
         self._in_flight = in_flight
         self._running = 0  # request slices in batches being computed
         self._running_images = 0
@@ -239,18 +245,30 @@ class DynamicBatcher:
                 f"request of {n} images would take about {alone_s:.1f} s at {per_image * 1000:.1f} ms per image, "
                 f"over the request timeout of {timeout_s:g} s; split it"
             )
-        # round-robin: before our last image, each queued request gets at most as many images as ours;
-        # the running batches count for what is left of them
+        # round-robin: our request is served one slice (at most max_batch images) per round, and in
+        # each round every other live request gets a slice too. Under steady load a client whose
+        # request finishes sends the next one, so each queued request is counted once per round we
+        # need (a 1-image request needs one round; a 256-image one, 256 / max_batch rounds)
         now = time.perf_counter()
         running_s = sum(max(0.0, size * per_image - (now - t0)) for t0, size in self._running_work.values())
-        ahead = sum(min(r.left, n) for r in self._queue if not r.abandoned)
+        step = self.max_batch
+        rounds = math.ceil(n / step)
+        live = [r for r in self._queue if not r.abandoned]
+        per_round = sum(min(r.left, step) for r in live)
+        if self._in_flight is not None:
+            # requests still being read or decoded join the round too (each with an image at least)
+            per_round += max(0, self._in_flight() - 1 - len(live) - self._running)
+        ahead = per_round * rounds
+        if per_round:  # beside other requests an image costs what the busy server measured
+            per_image = max(per_image, self._busy_per_image)
         expected_s = running_s + (ahead + n) * per_image
         if expected_s > remaining_s:
             raise DeadlineUnmet(
-                f"model '{self.name}' cannot finish this request in time: {n} images behind {ahead} queued "
-                f"would take about {expected_s:.1f} s at {per_image * 1000:.1f} ms per image, and "
-                f"{remaining_s:.1f} s of its {timeout_s:g} s timeout are left; retry later",
-                retry_after_s=math.ceil(running_s + ahead * per_image),
+                f"model '{self.name}' cannot finish this request in time: {n} images served in {rounds} "
+                f"round(s) beside {per_round} queued images a round would take about {expected_s:.1f} s at "
+                f"{per_image * 1000:.1f} ms per image, and {remaining_s:.1f} s of its {timeout_s:g} s timeout "
+                f"are left; retry later or send fewer images",
+                retry_after_s=math.ceil(running_s + per_round * per_image),
             )
 
     def _retry_after(self) -> int:
@@ -283,6 +301,7 @@ class DynamicBatcher:
             piece = self._take(self.max_batch)
             if piece is not None:
                 return piece
+            self._idle = True
             self._m_depth.set(self._pending)
             if self._closing:
                 return None
@@ -306,6 +325,7 @@ class DynamicBatcher:
                         batch.append(piece)
                         size += piece.n
                         continue
+                    self._idle = True
                     wait = flush_at - time.perf_counter()
                     if wait <= 0 or self._closing or self._alone(len(batch)):
                         break
@@ -315,11 +335,21 @@ class DynamicBatcher:
                     except asyncio.TimeoutError:
                         break
             self._m_depth.set(self._pending)
+            self._measure_busy(size)
             self._running += len(batch)
             self._running_images += size
             task = asyncio.get_running_loop().create_task(self._execute(batch, size))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
+
+    def _measure_busy(self, size: int) -> None:
+        """Between two batch starts with work queued all along, the interval is what the previous
+        batch's images cost in wall time (per worker); an interval with idle time in it says nothing."""
+        now = time.perf_counter()
+        if not self._idle and self._last_start is not None:
+            sample = (now - self._last_start) / self._last_size
+            self._busy_per_image = sample if not self._busy_per_image else 0.8 * self._busy_per_image + 0.2 * sample
+        self._last_start, self._last_size, self._idle = now, size, False
 
     def _alone(self, batched: int) -> bool:
         """Whether no request outside this batch and the running ones is in the server."""

@@ -23,7 +23,10 @@ class BatchingSettings(BaseModel):
     enabled: bool = True  # off: every request runs alone, as sent
     max_batch_size: int = Field(32, ge=1)  # images merged into one session run
     max_queue_delay_ms: float = Field(2.0, ge=0)  # longest wait for a batch to fill
-    max_queue_size: int = Field(256, ge=1)  # images waiting; beyond it requests get 429
+    # images waiting; beyond it requests get 429. Four maximal requests (GSA_MAX_IMAGES_PER_REQUEST),
+    # so that one fits beside a crowd of small ones; whether it can finish in time is decided by the
+    # deadline admission, not by this bound on memory
+    max_queue_size: int = Field(1024, ge=1)
     workers: int = Field(1, ge=1)  # session runs in flight at once
 
     def merged(self, override: "BatchingOverride | None") -> "BatchingSettings":

@@ -241,6 +241,55 @@ def test_admission_refuses_what_cannot_finish_in_time():
     assert int(ok["echo"][0, 0]) == 5
 
 
+def test_admission_counts_the_rounds_of_a_large_request():
+    """A request served over several rounds waits for every other queued request once a round (their
+    clients send again as they finish): refused when the rounds cannot fit its deadline, although
+    its images plus those queued now would; a 1-image request beside the same queue is admitted."""
+    session = FakeSession()
+    session.gate.clear()
+
+    async def main():
+        b = _batcher(session, max_batch_size=2, max_queue_delay_ms=0, seconds_per_image=0.1)
+        b.start()
+        blocker = asyncio.ensure_future(b.infer(_req(0, n=2), 5))  # taken, held in the session
+        await asyncio.sleep(0.05)
+        small = [asyncio.ensure_future(b.infer(_req(i), 5)) for i in range(1, 5)]  # 4 queued, 1 image each
+        await asyncio.sleep(0.01)
+        # 6 images in 3 rounds of 2: (3 x 4 queued + 6) x 0.1 s = 1.8 s (+ the running 2) > 1.5 s,
+        # where counting the queue once would say (4 + 6) x 0.1 s = 1.0 s
+        with pytest.raises(DeadlineUnmet, match="3 round"):
+            await b.infer(_req(9, n=6), 1.5)
+        one = asyncio.ensure_future(b.infer(_req(7), 1.5))  # (4 + 1) x 0.1 s: admitted
+        await asyncio.sleep(0.01)
+        session.gate.set()
+        outs = await asyncio.gather(blocker, *small, one)
+        await b.close()
+        return outs
+
+    outs = _run(main())
+    assert [int(o["echo"][0, 0]) for o in outs] == [0, 1, 2, 3, 4, 7]
+
+
+def test_busy_cost_per_image_is_measured_only_while_work_waits():
+    """The wall time between batch starts counts as the cost of the images while the queue never ran
+    dry; an interval with idle time in it (no request for a while) is not taken for slowness."""
+    session = FakeSession(delay_s=0.05)
+
+    async def main():
+        b = _batcher(session, max_batch_size=2, max_queue_delay_ms=0)
+        b.start()
+        await b.infer(_req(1, n=8), 5)  # 4 batches of 2 back to back: about 25 ms an image
+        busy = b._busy_per_image
+        await asyncio.sleep(1.5)
+        await b.infer(_req(2, n=2), 5)  # after 1.5 s of nothing: not a 0.75 s-an-image sample
+        after = b._busy_per_image
+        await b.close()
+        return busy, after
+
+    busy, after = _run(main())
+    assert 0.02 <= busy < 0.1 and after < 0.1
+
+
 # ---- over HTTP, with the real model -------------------------------------------------------
 def _slow_down(server, seconds: float) -> None:
     """Make every session run of the default tiny version take ``seconds`` longer."""
