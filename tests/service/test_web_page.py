@@ -27,8 +27,8 @@ import pytest
 from data_paths import MNIST, require
 from PIL import Image
 from scoring_fixtures import PATH_MODEL
-from web_fixtures import ROOT, R4, js, open_page, screenshot, wait_for
-from web_fixtures import browser, screenshots, server, web_repo  # noqa: F401  (fixtures)
+from web_fixtures import API_KEY, ROOT, R4, js, open_page, screenshot, wait_for
+from web_fixtures import auth_server, browser, screenshots, server, web_repo  # noqa: F401  (fixtures)
 
 STATIC = ROOT / "service" / "static"
 
@@ -321,3 +321,43 @@ def test_slide_job_runs_and_its_heatmap_and_tiles_show(browser, server, syntheti
     assert refused.status_code == 404
     wait_for(browser, lambda d: refused.json()["error"] in d.find_element("id", "messages").text, what="the refusal")
     assert "HTTP 404" in browser.find_element("id", "messages").text
+
+
+def test_with_api_keys_on_the_page_asks_for_a_key_and_sends_it(browser, auth_server, screenshots):
+    """A server with authentication on: the page shows the 401 and a key form (a wrong key is refused
+    in the API's words), and with the right key lists the models, runs a slide job and shows its
+    heatmap (fetched with the key; a plain <img src> could not send it). The key is no part of any URL."""
+    browser.get(f"{auth_server}/")
+    form = browser.find_element("id", "key-form")
+    wait_for(browser, lambda d: form.is_displayed() and "HTTP 401" in d.find_element("id", "messages").text,
+             what="the key form")
+    assert js(browser, "return document.querySelectorAll('#model option[value]:not([value=\"\"])').length") == 0
+
+    def use_key(key: str) -> None:
+        browser.find_element("id", "api-key").send_keys(key)
+        form.find_element("css selector", "button[type=submit]").click()
+
+    use_key("gsa_not-a-key")
+    wait_for(browser, lambda d: "HTTP 401" in d.find_element("id", "messages").text, what="the refusal of a wrong key")
+    use_key(API_KEY)
+    wait_for(browser, lambda d: js(d, f"return [...document.querySelectorAll('#model option')].some(o => o.value === '{PATH_MODEL}')"),
+             what="the model list")
+    from selenium.webdriver.support.ui import Select
+
+    Select(browser.find_element("id", "model")).select_by_value(PATH_MODEL)
+    wait_for(browser, lambda d: d.find_element("id", "model-info").get_attribute("data-model") == PATH_MODEL, what="model info")
+    browser.find_element("id", "slide-path").send_keys("synthetic.tiff")
+    browser.find_element("css selector", "#slide-path-form button[type=submit]").click()
+    wait_for(browser, lambda d: d.find_element("id", "job").get_attribute("data-state") in ("succeeded", "failed", "cancelled"),
+             timeout_s=120, what="the slide job")
+    job_id = browser.find_element("id", "job").get_attribute("data-job-id")
+    assert httpx.get(f"{auth_server}/v1/jobs/{job_id}").status_code == 401
+    job = httpx.get(f"{auth_server}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    assert job["state"] == "succeeded", job
+    wait_for(browser, lambda d: d.find_element("id", "heatmap").get_attribute("data-loaded") == "true", what="the heatmap")
+    img = browser.find_element("id", "heatmap-img")
+    assert img.get_attribute("src").startswith("blob:") and js(browser, "return arguments[0].naturalWidth", img) == 1024
+    urls = js(browser, "return performance.getEntriesByType('resource').map(e => e.name)")
+    assert urls and not any(API_KEY in u for u in urls + [browser.current_url])
+    screenshot(browser, screenshots, "slide-heatmap-with-key")
+

@@ -51,17 +51,15 @@ def web_repo(tmp_path_factory, path_model_repo) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def server(web_repo, synthetic_slides, tmp_path_factory) -> str:
-    """``python -m service`` on a free port of 127.0.0.1, with a jobs and a data directory; its URL."""
-    tmp = tmp_path_factory.mktemp("web_server")
+def _serve(web_repo: Path, slide: Path, tmp: Path, **extra_env: str):
+    """``python -m service`` on a free port of 127.0.0.1, with a jobs and a data directory; yields its URL."""
     (tmp / "data").mkdir()
-    shutil.copy(synthetic_slides["slide"], tmp / "data" / "synthetic.tiff")
+    shutil.copy(slide, tmp / "data" / "synthetic.tiff")
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GSA_")}
     env.update(GSA_MODEL_DIR=str(web_repo), GSA_HOST="127.0.0.1", GSA_PORT=str(port), GSA_JOBS_DIR=str(tmp / "jobs"),
                GSA_DATA_DIR=str(tmp / "data"), GSA_INTRA_OP_THREADS="1", GSA_WARMUP="false",
-               GSA_BATCHING__MAX_BATCH_SIZE="8", GSA_LOG_LEVEL="WARNING", GSA_ACCESS_LOG="false")
+               GSA_BATCHING__MAX_BATCH_SIZE="8", GSA_LOG_LEVEL="WARNING", GSA_ACCESS_LOG="false", **extra_env)
     log = (tmp / "server.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -84,6 +82,24 @@ def server(web_repo, synthetic_slides, tmp_path_factory) -> str:
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(web_repo, synthetic_slides, tmp_path_factory) -> str:
+    """The server with authentication off (loopback)."""
+    yield from _serve(web_repo, synthetic_slides["slide"], tmp_path_factory.mktemp("web_server"))
+
+
+API_KEY = "gsa_web-test-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def auth_server(web_repo, synthetic_slides, tmp_path_factory) -> str:
+    """The same server with API keys on: ``API_KEY`` is its one key (given hashed)."""
+    from service.auth import hash_key
+
+    yield from _serve(web_repo, synthetic_slides["slide"], tmp_path_factory.mktemp("web_auth_server"),
+                      GSA_AUTH="on", GSA_API_KEYS=f"web:{hash_key(API_KEY)}")
 
 
 # ---- the browser --------------------------------------------------------------------------------

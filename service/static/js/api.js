@@ -15,11 +15,35 @@ export class ApiError extends Error {
   }
 }
 
-/** fetch() that throws ApiError for network failures and non-2xx answers. */
+// The API key (bearer token) of a server with authentication on: typed in by the user, kept for the
+// browser tab only (sessionStorage), sent with every call. Never part of a URL.
+const KEY_STORAGE = "gsa-api-key";
+let apiKey = sessionStorage.getItem(KEY_STORAGE) ?? "";
+const unauthorizedListeners = [];
+
+export function hasApiKey() {
+  return apiKey !== "";
+}
+
+/** Use `key` for the next calls ("" forgets it). */
+export function setApiKey(key) {
+  apiKey = key.trim();
+  if (apiKey) sessionStorage.setItem(KEY_STORAGE, apiKey);
+  else sessionStorage.removeItem(KEY_STORAGE);
+}
+
+/** Call `listener(error)` whenever the server answers 401 (no key, or a key it does not know). */
+export function onUnauthorized(listener) {
+  unauthorizedListeners.push(listener);
+}
+
+/** fetch() that sends the API key and throws ApiError for network failures and non-2xx answers. */
 export async function request(path, options = {}) {
+  const headers = new Headers(options.headers ?? {});
+  if (apiKey) headers.set("Authorization", `Bearer ${apiKey}`);
   let response;
   try {
-    response = await fetch(path, options);
+    response = await fetch(path, { ...options, headers });
   } catch (err) {
     throw new ApiError(0, `The server could not be reached: ${err.message}`);
   }
@@ -31,9 +55,17 @@ export async function request(path, options = {}) {
     } catch {
       // not JSON (a proxy's error page): keep the status line
     }
-    throw new ApiError(response.status, message);
+    const error = new ApiError(response.status, message);
+    if (response.status === 401) unauthorizedListeners.forEach((listener) => listener(error));
+    throw error;
   }
   return response;
+}
+
+/** A result file as an object URL (fetched with the key, so that <img> and downloads work with
+ * authentication on); the caller revokes it. */
+export async function objectURL(path) {
+  return URL.createObjectURL(await (await request(path)).blob());
 }
 
 export async function getJSON(path, options) {

@@ -1,7 +1,7 @@
 // A finished slide job's results: the heatmap over the thumbnail, the tile under a click or moved to
 // with the arrow keys and its probabilities, the legend and the downloads.
 
-import { ApiError, getJSON, jobPath, request } from "./api.js";
+import { ApiError, getJSON, jobPath, objectURL, request } from "./api.js";
 import { formatNumber } from "./polar.js";
 
 // the ramp of service/scoring/outputs.py (_colormap), for the legend
@@ -82,7 +82,12 @@ export class HeatmapView {
     img.alt = `Heatmap of the probability of ${heatLabel} over the thumbnail of ${this.meta.slide.name}`;
     $("heatmap").dataset.loaded = "false";
     img.onload = () => { $("heatmap").dataset.loaded = "true"; };
-    img.src = jobPath(job.id, "results", "heatmap.png");
+    if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+    try {
+      img.src = await objectURL(jobPath(job.id, "results", "heatmap.png"));
+    } catch (err) {
+      this.announce(`Could not load the heatmap: ${err instanceof ApiError ? err.describe() : err.message}`, true);
+    }
     $("tile-marker").hidden = true;
     $("tile-info").replaceChildren(Object.assign(document.createElement("p"), { className: "muted", textContent: "No tile selected." }));
     const ramp = Object.assign(document.createElement("span"), { className: "ramp" });
@@ -102,10 +107,26 @@ export class HeatmapView {
         href: jobPath(job.id, "results", name), download: `${job.id.slice(0, 8)}-${name}`, textContent: text,
       });
       a.dataset.result = name;
+      a.addEventListener("click", (event) => this.download(event, a));
       const li = document.createElement("li");
       li.appendChild(a);
       return li;
     }));
+  }
+
+  /** A download link, fetched with the API key (a plain link could not send it). */
+  async download(event, a) {
+    event.preventDefault();
+    try {
+      const url = await objectURL(a.getAttribute("href"));
+      const save = Object.assign(document.createElement("a"), { href: url, download: a.download });
+      document.body.appendChild(save);
+      save.click();
+      save.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 60000);
+    } catch (err) {
+      this.announce(`Could not download ${a.dataset.result}: ${err instanceof ApiError ? err.describe() : err.message}`, true);
+    }
   }
 
   select(tile) {

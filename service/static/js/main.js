@@ -1,6 +1,6 @@
 // The page's entry point: the model picker, the message area, and the patch and slide sections.
 
-import { ApiError, getJSON, metadataPath } from "./api.js";
+import { ApiError, getJSON, hasApiKey, metadataPath, onUnauthorized, setApiKey } from "./api.js";
 import { setupPatches } from "./patches.js";
 import { setupSlides } from "./slides.js";
 
@@ -23,10 +23,35 @@ function chosenModel() {
   return modelSelect.value ? { name: modelSelect.value, version: versionSelect.value || null } : null;
 }
 
+// A server with authentication on answers 401 until a key is given: ask for one, then start again
+const keyForm = document.getElementById("key-form");
+let slides = null;
+onUnauthorized((err) => {
+  keyForm.hidden = false;
+  announce(`${err.describe()}: type an API key above.`, true);
+  document.getElementById("api-key").focus();
+});
+keyForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const input = document.getElementById("api-key");
+  if (!input.value.trim()) return announce("Type the API key first.", true);
+  setApiKey(input.value);
+  input.value = "";
+  announce("Using the API key for this tab.");
+  loadModels();
+  slides?.refreshJobs();
+});
+document.getElementById("key-forget").addEventListener("click", () => {
+  setApiKey("");
+  announce("The API key is forgotten.");
+});
+if (hasApiKey()) keyForm.hidden = false;
+
 async function loadModels() {
   try {
     ({ models } = await getJSON("v1/models"));
   } catch (err) {
+    if (err instanceof ApiError && err.status === 401) return;  // the key form is shown
     announce(`Could not list the models: ${err instanceof ApiError ? err.describe() : err.message}. Retrying…`, true);
     setTimeout(loadModels, RETRY_MS);
     return;
@@ -82,5 +107,5 @@ async function describeModel() {
 modelSelect.addEventListener("change", fillVersions);
 versionSelect.addEventListener("change", describeModel);
 setupPatches(chosenModel, announce);
-setupSlides(chosenModel, announce);
+slides = setupSlides(chosenModel, announce);
 loadModels();

@@ -78,6 +78,7 @@ class SlidePanel {
         `${j.input.name} · ${j.model} · ${j.state} · ${new Date(j.created_at * 1000).toLocaleString()}`, j.id))
         : [new Option("(none)", "")]));
     } catch (err) {
+      if (err instanceof ApiError && err.status === 401) return;  // the key form asks for a key
       this.announce(`Could not list the jobs: ${errorText(err)}`, true);
     }
   }
