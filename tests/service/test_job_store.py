@@ -321,6 +321,45 @@ def test_sigkilled_server_resumes_from_its_checkpoint(path_model_repo, path_mode
     assert meta == ref
 
 
+def test_two_server_processes_share_one_jobs_directory(path_model_repo, path_model, data_dir, tmp_path):
+    """Two ``python -m service`` processes on one jobs directory: four slide jobs submitted to the first
+    are each run exactly once (one attempt), both processes run some of them, both list all four, and
+    every job's files equal the single-machine scorer's."""
+    options = {"tissue": "none", "batch_size": 16}
+    env = {**os.environ, "GSA_MODEL_DIR": str(path_model_repo), "GSA_JOBS_DIR": str(tmp_path / "jobs"),
+           "GSA_DATA_DIR": str(data_dir), "GSA_INTRA_OP_THREADS": "1", "GSA_WARMUP": "false",
+           "GSA_JOB_POLL_S": "0.2", "GSA_LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)}
+    procs, urls = [], []
+    try:
+        for _ in range(2):
+            port = _free_port()
+            procs.append(_serve(env, port))
+            urls.append(f"http://127.0.0.1:{port}")
+        ids = [httpx.post(f"{urls[0]}/v1/jobs/slides", json={"model": PATH_MODEL, "path": "synthetic.tiff",
+                                                               "options": options}).json()["id"] for _ in range(4)]
+        deadline = time.monotonic() + 300
+        while (jobs := [httpx.get(f"{urls[1]}/v1/jobs/{i}").json() for i in ids]) and \
+                any(j["state"] not in FINISHED for j in jobs):
+            assert time.monotonic() < deadline, jobs
+            time.sleep(0.2)
+        tiles = [_tiles_scored(url) for url in urls]
+        listed = [{j["id"] for j in httpx.get(f"{url}/v1/jobs?limit=50").json()["jobs"]} for url in urls]
+        results = {i: httpx.get(f"{urls[0]}/v1/jobs/{i}/results/tiles.csv").content for i in ids}
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(60)
+    assert [(j["state"], j["attempts"]) for j in jobs] == [("succeeded", 1)] * 4, jobs
+    total = jobs[0]["progress"]["total"]
+    print(f"tiles scored by each process: {tiles} (4 jobs of {total})")
+    assert sum(tiles) == 4 * total and min(tiles) >= total  # each job once; each process ran at least one
+    assert listed == [set(ids), set(ids)]
+    score_slide(path_model, data_dir / "synthetic.tiff", tmp_path / "ref", SlideOptions(**options))
+    reference = (tmp_path / "ref" / "tiles.csv").read_bytes()
+    assert all(content == reference for content in results.values())
+
+
 def test_old_job_files_are_imported_once(jobs_client, data_dir, tmp_path):
     jobs = tmp_path / "jobs"
     (jobs / ("a" * 32)).mkdir(parents=True)
