@@ -182,7 +182,10 @@ class ModelServer:
             if not self.shutting_down:
                 self._serve(mv, session)
 
-        await asyncio.gather(*(load(mv) for mv in pending))
+        # in waves: the older versions wait until every model's newest is loaded, so that they do
+        # not take the CPU from the slowest newest version, which readiness waits for
+        for wave in sorted({rank[id(mv)] for mv in pending}):
+            await asyncio.gather(*(load(mv) for mv in pending if rank[id(mv)] == wave))
         self.loaded.set()
         ready = sum(mv.ready for mv in self.all())
         log.info("loaded %d of %d model versions in %.2f s", ready, len(self.all()), time.perf_counter() - t0)
