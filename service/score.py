@@ -3,8 +3,11 @@ engine the service's jobs use (no torch).
 
     python -m service.score slide SLIDE --model NAME [--version V] --out DIR [--stride 96 | --overlap 0.5]
     python -m service.score patches SOURCE --model NAME --out DIR [--fit crop] [--labels y.h5]
+    python -m service.score slides FOLDER|GLOB|MANIFEST.csv --model NAME --out DIR
+        [--ray-address local|auto|ray://host:10001] [--workers N]
 
-Exit status: 0 done, 2 bad input (the message says what), 130 interrupted.
+Exit status: 0 done, 1 some slides of an archive failed (listed in summary.json), 2 bad input (the
+message says what), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from service.scoring.patch_scoring import PatchOptions, score_patches
 from service.scoring.slide_scoring import SlideOptions, score_slide
 from service.settings import Settings
 
-__all__ = ["main", "load_model", "ProgressBar"]
+__all__ = ["main", "find_version", "load_model", "ProgressBar"]
 
 log = logging.getLogger("service.score")
 
@@ -52,11 +55,10 @@ class ProgressBar:
         self.stream.flush()
 
 
-def load_model(model_dir: Path, name: str, version: str | None, threads: int = 0):
-    """Load one version from the model repository (card and sha256 checked) as an OnnxModel: the
-    newest valid one when ``version`` is None."""
+def find_version(model_dir: Path, name: str, version: str | None):
+    """The repository entry (card and sha256 checked) of one version: the newest valid one when
+    ``version`` is None."""
     from service.repository import ModelRepository, version_key
-    from service.runtime import open_session
 
     entries = [e for e in ModelRepository(model_dir).scan() if e.name == name]
     if not entries:
@@ -72,6 +74,14 @@ def load_model(model_dir: Path, name: str, version: str | None, threads: int = 0
         entry = matches[0]
     if not entry.valid:
         raise ScoringError(f"model {entry.name}/{entry.version} cannot be loaded: {entry.error}")
+    return entry
+
+
+def load_model(model_dir: Path, name: str, version: str | None, threads: int = 0):
+    """Load one version from the model repository as an OnnxModel (see ``find_version``)."""
+    from service.runtime import open_session
+
+    entry = find_version(model_dir, name, version)
     settings = Settings(model_dir=model_dir, device="cpu", warmup=False, intra_op_threads=threads)
     try:
         return open_session(entry, settings)
@@ -95,15 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write embeddings.h5: per-item invariant features [D] (invariant), also [D, |H|] "
                              "(full); the model must be exported with features")
 
-    s = sub.add_parser("slide", parents=[common], help="score a whole slide")
-    s.add_argument("path", type=Path, help="slide (SVS, NDPI, MRXS, tiled TIFF, ... or PNG/JPEG/TIFF)")
-    g = s.add_mutually_exclusive_group()
+    tiling = argparse.ArgumentParser(add_help=False)
+    g = tiling.add_mutually_exclusive_group()
     g.add_argument("--stride", type=int, default=None, help="model pixels between tiles (default: tile size)")
     g.add_argument("--overlap", type=float, default=None, help="fraction of a tile shared with its neighbour")
-    s.add_argument("--min-tissue", type=float, default=0.5, help="tissue fraction a tile needs (default 0.5)")
-    s.add_argument("--tissue", choices=("otsu", "none"), default="otsu")
-    s.add_argument("--slide-mpp", type=float, default=None, help="slide resolution when the file lacks one")
-    s.add_argument("--heatmap-label", default=None, help="label drawn in heatmap.png (default: the last)")
+    tiling.add_argument("--min-tissue", type=float, default=0.5, help="tissue fraction a tile needs (default 0.5)")
+    tiling.add_argument("--tissue", choices=("otsu", "none"), default="otsu")
+    tiling.add_argument("--slide-mpp", type=float, default=None, help="slide resolution when the file lacks one")
+    tiling.add_argument("--heatmap-label", default=None, help="label drawn in heatmap.png (default: the last)")
+
+    s = sub.add_parser("slide", parents=[common, tiling], help="score a whole slide")
+    s.add_argument("path", type=Path, help="slide (SVS, NDPI, MRXS, tiled TIFF, ... or PNG/JPEG/TIFF)")
+
+    a = sub.add_parser("slides", parents=[common, tiling], help="score a slide archive (on Ray with --ray-address)")
+    a.add_argument("path", help="folder of slides, glob pattern (quoted) or CSV manifest with a 'path' column")
+    a.add_argument("--ray-address", default=None,
+                   help="'local' (a Ray instance on this machine), 'auto' (the running cluster) or "
+                        "ray://host:10001; default: score in this process without Ray")
+    a.add_argument("--workers", type=int, default=1, help="Ray actors, one model session each (default 1)")
 
     q = sub.add_parser("patches", parents=[common], help="score a patch set")
     q.add_argument("path", type=Path, help="PCam .h5, ImageFolder tree, folder of images, .npy or .npz")
@@ -113,20 +132,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _slide_options(args: argparse.Namespace) -> SlideOptions:
+    return SlideOptions(
+        stride=args.stride, overlap=args.overlap, min_tissue=args.min_tissue, tissue=args.tissue,
+        slide_mpp=args.slide_mpp, heatmap_label=args.heatmap_label, batch_size=args.batch_size,
+        readers=args.readers, embeddings=args.embeddings,
+    )
+
+
+def _slides(args: argparse.Namespace) -> int:
+    from service.distributed.archive import score_archive
+
+    def progress(record: dict, done: int, total: int) -> None:
+        if args.quiet:
+            return
+        what = (f"{record['tiles']} tiles in {record['seconds']:.1f} s" if record["status"] == "done"
+                else f"FAILED: {record['error']}")
+        print(f"[{done}/{total}] {record['name']}: {what}", file=sys.stderr, flush=True)
+
+    summary = score_archive(args.path, args.out, model_dir=args.model_dir, model=args.model, version=args.version,
+                            options=_slide_options(args), ray_address=args.ray_address, workers=args.workers,
+                            threads=args.threads, progress=progress)
+    print(f"{summary['done']} slides scored, {summary['skipped']} already done, {len(summary['failed'])} failed "
+          f"of {summary['slides']}; {summary['tiles']} tiles in {summary['seconds']:.1f} s "
+          f"({summary['tiles_per_s']:.1f} tiles/s) -> {args.out}/summary.json")
+    for failure in summary["failed"]:
+        print(f"failed: {failure['name']}: {failure['error']}", file=sys.stderr)
+    return 1 if summary["failed"] else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cancel = threading.Event()
     progress = None if args.quiet else ProgressBar(args.command)
     try:
+        if args.command == "slides":
+            return _slides(args)
         model = load_model(args.model_dir, args.model, args.version, args.threads)
         if args.command == "slide":
-            options = SlideOptions(
-                stride=args.stride, overlap=args.overlap, min_tissue=args.min_tissue, tissue=args.tissue,
-                slide_mpp=args.slide_mpp, heatmap_label=args.heatmap_label, batch_size=args.batch_size,
-                readers=args.readers, embeddings=args.embeddings,
-            )
-            meta = score_slide(model, args.path, args.out, options, progress=progress, cancel=cancel)
+            meta = score_slide(model, args.path, args.out, _slide_options(args), progress=progress, cancel=cancel)
             counts = meta["counts"]
             print(f"{counts['scored_tiles']} of {counts['grid_tiles']} tiles scored "
                   f"({counts['skipped_tiles']} without tissue) in {meta['timing']['total_s']:.1f} s -> {args.out}")

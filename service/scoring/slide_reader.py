@@ -19,7 +19,7 @@ from service.errors import PayloadTooLarge, ServiceError, UnsupportedMediaType
 from service.images import ImageLimits, load_pixels, open_image
 from service.scoring.scoring_errors import CorruptInput, InputNotFound, UnsupportedFormat
 
-__all__ = ["Slide", "open_slide", "rgba_to_rgb"]
+__all__ = ["Slide", "open_slide", "rgba_to_rgb", "SLIDE_SUFFIXES"]
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +118,13 @@ def _openslide_mpp(handle: openslide.OpenSlide) -> float | None:
 
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-_SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff", ".dcm"}
+SLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff", ".dcm"}
 
 
 def _looks_like_slide(path: Path) -> bool:
     with path.open("rb") as f:
         head = f.read(4)
-    return head in _TIFF_MAGIC or path.suffix.lower() in _SLIDE_SUFFIXES
+    return head in _TIFF_MAGIC or path.suffix.lower() in SLIDE_SUFFIXES
 
 
 def _open_plain(path: Path, max_pixels: int) -> Slide:

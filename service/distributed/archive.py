@@ -1,0 +1,277 @@
+"""Score a slide archive: many slides, one output folder each, on a Ray cluster or in this process.
+
+Each slide is scored by ``score_slide`` (the single-machine engine), so its files are the same
+byte for byte. On Ray a pool of actors does the work: each actor opens one ONNX Runtime session at
+start and reuses it for every slide it is given, and reads its slides itself (the slides, the
+model repository and the output folder must be visible to every node at the same path: a shared
+file system, as for any slide archive). The driver only hands out slide paths and gathers the
+short per-slide records.
+
+A slide that fails (unreadable file, no tissue, a worker that died) is recorded with its error and
+the run goes on. A slide is finished when its folder holds ``done.json``: the sha256 of each
+result file, with the model and the options that made them. A run started again skips the slides
+whose files still match it (same model and options), and scores the rest. ``summary.json`` in the
+output folder sums the run up: slides done, skipped, failed (with their errors), tiles, tiles/s.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import glob
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from service.repository import sha256_file
+from service.scoring.outputs import write_json
+from service.scoring.scoring_errors import ScoringError
+from service.scoring.slide_reader import SLIDE_SUFFIXES
+from service.scoring.slide_scoring import SlideOptions, score_slide
+
+__all__ = ["ArchiveItem", "list_archive", "score_archive", "finished", "DONE_FILE", "SUMMARY_FILE", "LOCAL"]
+
+log = logging.getLogger(__name__)
+
+DONE_FILE = "done.json"
+SUMMARY_FILE = "summary.json"
+LOCAL = "local"  # ray_address that starts a Ray instance on this machine, bound to 127.0.0.1
+
+
+@dataclass(frozen=True)
+class ArchiveItem:
+    """One slide of the archive: ``name`` is its output folder under the run's output folder."""
+
+    name: str
+    path: Path
+
+
+def _check_name(name: str, where: str) -> str:
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or ".." in parts:
+        raise ScoringError(f"{where}: output name '{name}' must be a relative path without '..'")
+    return Path(name).as_posix()
+
+
+def list_archive(source: str | Path) -> list[ArchiveItem]:
+    """The slides of ``source``: a folder (every slide file under it, by suffix, in sorted order),
+    a glob pattern, or a CSV manifest with a ``path`` column (relative paths are relative to the
+    CSV's folder) and an optional ``name`` column (the output folder; default: the path without
+    its suffix)."""
+    text = str(source)
+    path = Path(source)
+    if path.suffix.lower() == ".csv" and path.is_file():
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or "path" not in reader.fieldnames:
+                raise ScoringError(f"{path}: a manifest needs a 'path' column (found {reader.fieldnames})")
+            items = []
+            for line, row in enumerate(reader, 2):
+                if not (row.get("path") or "").strip():
+                    raise ScoringError(f"{path} line {line}: empty path")
+                slide = Path(row["path"].strip())
+                slide = slide if slide.is_absolute() else path.parent / slide
+                name = (row.get("name") or "").strip() or Path(row["path"].strip()).with_suffix("").as_posix()
+                items.append(ArchiveItem(_check_name(name, f"{path} line {line}"), slide))
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
+        items = [ArchiveItem(p.relative_to(path).with_suffix("").as_posix(), p) for p in files]
+    elif glob.has_magic(text):
+        files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        items = [ArchiveItem(p.with_suffix("").name, p) for p in files]
+    else:
+        raise ScoringError(f"{source}: not a folder, a glob pattern or a .csv manifest")
+    if not items:
+        raise ScoringError(f"{source}: no slides found (suffixes: {', '.join(sorted(SLIDE_SUFFIXES))})")
+    seen = collections.Counter(item.name for item in items)
+    twice = sorted(name for name, count in seen.items() if count > 1)
+    if twice:
+        raise ScoringError(f"{source}: several slides would write to the same output folder: {', '.join(twice)} "
+                           "(give a manifest with a 'name' column)")
+    return items
+
+
+def _stamp(model_key: dict[str, str], options: SlideOptions) -> dict[str, Any]:
+    return {"model": model_key, "options": asdict(options)}
+
+
+def finished(out_dir: Path, stamp: dict[str, Any]) -> bool:
+    """Whether ``out_dir`` holds the complete results of a run with this model and these options:
+    ``done.json`` matches, and every file it lists has its recorded sha256."""
+    import json
+
+    try:
+        done = json.loads((out_dir / DONE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(done, dict) or {k: done.get(k) for k in stamp} != stamp or not done.get("files"):
+        return False
+    for name, digest in done["files"].items():
+        file = out_dir / name
+        if not file.is_file() or sha256_file(file) != digest:
+            return False
+    return True
+
+
+def _seal(out_dir: Path, results: list[str], stamp: dict[str, Any]) -> None:
+    write_json(out_dir / DONE_FILE, {**stamp, "files": {name: sha256_file(out_dir / name) for name in results}})
+
+
+def score_item(model, item: ArchiveItem, out: Path, options: SlideOptions, stamp: dict[str, Any]) -> dict[str, Any]:
+    """Score one slide into ``out / item.name`` and seal it; a record of what happened (never raises
+    for a bad slide)."""
+    out_dir = out / item.name
+    (out_dir / DONE_FILE).unlink(missing_ok=True)  # files about to change are no longer sealed
+    t0 = time.perf_counter()
+    try:
+        meta = score_slide(model, item.path, out_dir, options)
+        _seal(out_dir, meta["results"], stamp)
+    except ScoringError as exc:
+        return {"name": item.name, "path": str(item.path), "status": "failed", "error": str(exc),
+                "seconds": round(time.perf_counter() - t0, 3)}
+    except Exception as exc:  # an unexpected failure on one slide must not end the run
+        log.exception("slide %s failed", item.path)
+        return {"name": item.name, "path": str(item.path), "status": "failed",
+                "error": f"{type(exc).__name__}: {exc}", "seconds": round(time.perf_counter() - t0, 3)}
+    return {"name": item.name, "path": str(item.path), "status": "done", "tiles": meta["counts"]["scored_tiles"],
+            "seconds": round(time.perf_counter() - t0, 3), "host": os.uname().nodename, "pid": os.getpid()}
+
+
+class SlideWorker:
+    """One model session, reused for every slide given to it (a Ray actor in ``score_archive``)."""
+
+    def __init__(self, model_dir: str, model: str, version: str, threads: int):
+        from service.score import load_model
+
+        self.model = load_model(Path(model_dir), model, version, threads)
+
+    def score(self, item: ArchiveItem, out: str, options: SlideOptions, stamp: dict[str, Any]) -> dict[str, Any]:
+        return score_item(self.model, item, Path(out), options, stamp)
+
+
+def _init_ray(address: str, workers: int, threads: int):
+    try:
+        import ray
+    except ImportError:
+        raise ScoringError("Ray is not installed: pip install 'gsa-serve[distributed]' "
+                           "(or leave out --ray-address to score in this process)") from None
+    started = False
+    if not ray.is_initialized():
+        if address == LOCAL:
+            # a one-machine cluster: every Ray connection on loopback (see docs/distributed.md)
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            ray.init(num_cpus=workers * max(1, threads), include_dashboard=False, _node_ip_address="127.0.0.1",
+                     log_to_driver=False, configure_logging=False)
+        else:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        started = True
+    return ray, started
+
+
+def _on_ray(address: str, pending: list[ArchiveItem], out: Path, options: SlideOptions, stamp: dict[str, Any],
+            model_dir: Path, model: str, version: str, workers: int, threads: int,
+            report: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+    ray, started = _init_ray(address, workers, threads)
+    try:
+        from ray.exceptions import RayError
+
+        # a worker that dies (a crash in a slide library) is started again for the next slides
+        worker = ray.remote(num_cpus=max(1, threads), max_restarts=2)(SlideWorker)
+        actors = [worker.remote(str(model_dir.resolve()), model, version, max(1, threads))
+                  for _ in range(min(workers, len(pending)))]
+        idle, running, queue, records = list(actors), {}, collections.deque(pending), []
+        try:
+            while queue or running:
+                while queue and idle:
+                    actor, item = idle.pop(), queue.popleft()
+                    running[actor.score.remote(item, str(out.resolve()), options, stamp)] = (item, actor)
+                ready, _ = ray.wait(list(running), num_returns=1)
+                item, actor = running.pop(ready[0])
+                try:
+                    record = ray.get(ready[0])
+                except RayError as exc:
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    record = {"name": item.name, "path": str(item.path), "status": "failed",
+                              "error": f"the Ray worker failed: {type(exc).__name__}: {first}"}
+                idle.append(actor)
+                records.append(record)
+                report(record)
+        finally:
+            # also when interrupted: no slide goes on being written after the run has stopped
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+        return records
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def score_archive(
+    source: str | Path,
+    out: str | Path,
+    *,
+    model_dir: Path,
+    model: str,
+    version: str | None = None,
+    options: SlideOptions | None = None,
+    ray_address: str | None = None,
+    workers: int = 1,
+    threads: int = 0,
+    progress: Callable[[dict[str, Any], int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Score every slide of ``source`` (see ``list_archive``) into ``out/<name>/``; write and return
+    the run summary. ``ray_address`` None scores in this process, one slide after another;
+    ``"local"`` starts a Ray instance on this machine with ``workers`` actors; anything else
+    (``"auto"``, ``"ray://host:10001"``) connects to a running cluster. ``threads``: ONNX Runtime
+    threads (and Ray CPUs) per actor; 0 in this process means one per core."""
+    from service.score import find_version, load_model
+
+    if workers < 1:
+        raise ScoringError(f"workers must be at least 1, got {workers}")
+    options = (options or SlideOptions()).checked()
+    out = Path(out)
+    items = list_archive(source)
+    entry = find_version(model_dir, model, version)
+    stamp = _stamp({"name": entry.name, "version": entry.version, "sha256": entry.card.sha256}, options)
+    out.mkdir(parents=True, exist_ok=True)
+    skipped = [item for item in items if finished(out / item.name, stamp)]
+    pending = [item for item in items if item not in skipped]
+    done_count = [0]
+
+    def report(record: dict[str, Any]) -> None:
+        done_count[0] += 1
+        if progress is not None:
+            progress(record, done_count[0], len(pending))
+
+    t0 = time.perf_counter()
+    if not pending:
+        records = []
+    elif ray_address is None:
+        session = load_model(model_dir, entry.name, entry.version, threads)
+        records = []
+        for item in pending:
+            records.append(score_item(session, item, out, options, stamp))
+            report(records[-1])
+    else:
+        records = _on_ray(ray_address, pending, out, options, stamp, model_dir, entry.name, entry.version,
+                          workers, threads, report)
+    wall = time.perf_counter() - t0
+    done = [r for r in records if r["status"] == "done"]
+    tiles = sum(r["tiles"] for r in done)
+    order = {item.name: i for i, item in enumerate(items)}
+    summary = {
+        "model": stamp["model"], "options": stamp["options"],
+        "engine": "this process" if ray_address is None else f"ray ({ray_address}), {workers} workers",
+        "slides": len(items), "done": len(done), "skipped": len(skipped),
+        "failed": [{k: r[k] for k in ("name", "path", "error")} for r in sorted(records, key=lambda r: order[r["name"]])
+                   if r["status"] == "failed"],
+        "tiles": tiles, "seconds": round(wall, 3), "tiles_per_s": round(tiles / wall, 2) if wall > 0 and tiles else 0.0,
+        "slide_seconds": round(sum(r.get("seconds", 0.0) for r in done), 3),
+        "per_slide": sorted(records, key=lambda r: order[r["name"]]),
+        "skipped_slides": [item.name for item in skipped],
+    }
+    write_json(out / SUMMARY_FILE, summary)
+    return summary

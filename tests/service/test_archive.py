@@ -1,0 +1,181 @@
+"""Slide archives (``service/distributed/archive.py``): listing a folder, glob or CSV manifest, and
+scoring on a real local Ray cluster started here (2 CPUs, every connection on loopback): the same
+files byte for byte as the single-machine scorer, a corrupt slide reported while the run goes on,
+a run interrupted and started again that skips the finished slides, and the CLI.
+
+Ray is the optional ``distributed`` extra: without it the Ray tests skip, except under CI (``CI``
+set), where they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from data_paths import SLIDE, data_path
+from scoring_fixtures import PATH_MODEL
+
+from service.distributed.archive import DONE_FILE, SUMMARY_FILE, ArchiveItem, finished, list_archive, score_archive
+from service.scoring.scoring_errors import ScoringError
+from service.scoring.slide_scoring import SlideOptions, score_slide
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPARED = ("tiles.csv", "tiles.geojson", "heatmap.npy", "heatmap.png")
+LOOPBACK = ("127.", "[::1]", "::1", "[::ffff:127.", "::ffff:127.")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray instance with 2 CPUs, bound to 127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``:
+    without it Ray on Linux also connects to the machine's primary address)."""
+    try:
+        import ray
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("ray is not installed (CI installs the 'distributed' extra: scripts/test.sh)")
+        pytest.skip("ray is not installed: pip install -e '.[distributed]'")
+    saved = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        else:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved
+
+
+@pytest.fixture(scope="module")
+def archive(synthetic_slides, tmp_path_factory) -> Path:
+    """Two synthetic pyramidal TIFFs (one in a sub-folder), the real SVS when the data is there, and a
+    corrupt 'slide'."""
+    root = tmp_path_factory.mktemp("archive")
+    shutil.copy(synthetic_slides["slide"], root / "a.tiff")
+    (root / "case2").mkdir()
+    shutil.copy(synthetic_slides["rotated"], root / "case2" / "b.tiff")
+    if data_path(SLIDE).is_file():
+        shutil.copy(data_path(SLIDE), root / "real.svs")
+    (root / "broken.svs").write_bytes(b"II*\x00" + b"\x00" * 64)  # a TIFF header and nothing else
+    (root / "notes.txt").write_text("not a slide\n")
+    return root
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def test_list_archive_folder_glob_and_manifest(archive, tmp_path):
+    assert list_archive(archive) == [ArchiveItem("a", archive / "a.tiff"), ArchiveItem("broken", archive / "broken.svs"),
+                                     ArchiveItem("case2/b", archive / "case2" / "b.tiff"),
+                                     *([ArchiveItem("real", archive / "real.svs")] if (archive / "real.svs").exists() else [])]
+    assert [i.name for i in list_archive(f"{archive}/**/*.tiff")] == ["a", "b"]
+    manifest = archive / "manifest.csv"
+    manifest.write_text("path,name\na.tiff,first\ncase2/b.tiff,\n")
+    assert list_archive(manifest) == [ArchiveItem("first", archive / "a.tiff"), ArchiveItem("case2/b", archive / "case2" / "b.tiff")]
+    for text, error in (("slide\na.tiff\n", "needs a 'path' column"), ("path,name\na.tiff,x\ncase2/b.tiff,x\n", "same output folder: x"),
+                        ("path,name\na.tiff,../up\n", "without '..'"), ("path\n\n,\n", "empty path")):
+        (tmp_path / "m.csv").write_text(text)
+        with pytest.raises(ScoringError, match=error):
+            list_archive(tmp_path / "m.csv")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ScoringError, match="no slides found"):
+        list_archive(tmp_path / "empty")
+    with pytest.raises(ScoringError, match="not a folder, a glob pattern or a .csv manifest"):
+        list_archive(tmp_path / "missing")
+
+
+def test_archive_on_ray_equals_the_single_machine_scorer_and_resumes(ray_cluster, archive, path_model_repo, path_model,
+                                                                     tmp_path):
+    options = SlideOptions(batch_size=16, slide_mpp=None)
+    out = tmp_path / "out"
+    seen: list[dict] = []
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first(record, done, total):
+        seen.append(record)
+        if done == 1:
+            raise Interrupt  # the driver stops (as on Ctrl-C): the actors are killed with it
+
+    with pytest.raises(Interrupt):
+        score_archive(archive, out, model_dir=path_model_repo, model=PATH_MODEL, options=options,
+                      ray_address="local", workers=2, threads=1, progress=stop_after_first)
+    first = seen[0]["name"]
+    sealed = {p.parent.relative_to(out).as_posix() for p in out.rglob(DONE_FILE)}
+    assert first in sealed or seen[0]["status"] == "failed"
+
+    # a damaged result file un-finishes its slide: it is scored again
+    names = [item.name for item in list_archive(archive)]
+    damaged = sorted(sealed)[0] if sealed else None
+    if damaged:
+        (out / damaged / "tiles.csv").write_text("damaged\n")
+    summary = score_archive(archive, out, model_dir=path_model_repo, model=PATH_MODEL, options=options,
+                            ray_address="local", workers=2, threads=1)
+    assert summary["slides"] == len(names)
+    assert set(summary["skipped_slides"]) == sealed - {damaged} and summary["skipped"] == len(sealed - {damaged})
+    assert [f["name"] for f in summary["failed"]] == ["broken"]
+    assert "broken.svs" in summary["failed"][0]["error"]
+    good = [n for n in names if n != "broken"]
+    assert summary["done"] + summary["skipped"] == len(good)
+    assert json.loads((out / SUMMARY_FILE).read_text()) == summary
+    assert {r["pid"] for r in summary["per_slide"] if r["status"] == "done"} - {os.getpid()}, "scored outside the driver"
+
+    for item in list_archive(archive):
+        if item.name == "broken":
+            continue
+        ref = tmp_path / "ref" / item.name
+        meta = score_slide(path_model, item.path, ref, options)
+        for name in COMPARED:
+            assert (out / item.name / name).read_bytes() == (ref / name).read_bytes(), (item.name, name)
+        got = json.loads((out / item.name / "metadata.json").read_text())
+        for m in (got, meta):
+            m.pop("timing")
+        assert got == meta
+    # finished is bound to the model and the options: other options would score everything again
+    stamp = json.loads((out / "a" / DONE_FILE).read_text())
+    assert finished(out / "a", {k: stamp[k] for k in ("model", "options")})
+    assert not finished(out / "a", {"model": stamp["model"], "options": {**stamp["options"], "min_tissue": 0.25}})
+
+    # every connection of this process and of the Ray processes it started is on loopback
+    pids = {os.getpid()} | _descendants(os.getpid())
+    lines = subprocess.run(["ss", "-tanpH"], capture_output=True, text=True, check=True).stdout.splitlines()
+    ours = [line.split() for line in lines if any(f"pid={pid}," in line for pid in pids)]
+    assert len(ours) > 5, "no Ray connections seen: the check would prove nothing"
+    outside = [f[3:5] for f in ours if not (f[3].startswith(LOOPBACK) and (f[4].startswith(LOOPBACK) or f[4].startswith(("0.0.0.0", "*", "[::]"))))]
+    assert outside == [], outside
+
+
+def test_cli_slides_in_this_process(archive, path_model_repo, tmp_path):
+    """``python -m service.score slides`` without Ray: exit status 1 with the corrupt slide named,
+    the others scored; started again, nothing is scored twice."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path,name\n{archive / 'a.tiff'},a\n{archive / 'broken.svs'},broken\n")
+    cmd = [sys.executable, "-m", "service.score", "slides", str(manifest), "--model", PATH_MODEL, "--model-dir",
+           str(path_model_repo), "--out", str(tmp_path / "out"), "--threads", "1", "--batch-size", "16"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stderr
+    assert "1 slides scored, 0 already done, 1 failed of 2" in run.stdout and "failed: broken:" in run.stderr
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "0 slides scored, 1 already done, 1 failed of 2" in run.stdout
