@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--side", type=int, default=3072, help="level-0 pixels a side of each slide")
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args(argv)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray socket on loopback: before the import
     import ray
 
     with tempfile.TemporaryDirectory(prefix="bench-archive-") as tmp:
@@ -63,7 +64,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"{summary['tiles_per_s']:.1f} tiles/s", flush=True)
 
         run("process", None, 1)
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         t0 = time.perf_counter()
         ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
                  configure_logging=False)

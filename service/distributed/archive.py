@@ -153,6 +153,10 @@ class SlideWorker:
 
 
 def _init_ray(address: str, workers: int, threads: int):
+    if address == LOCAL:
+        # a one-machine cluster: every Ray socket on loopback (read when ray is imported; see
+        # docs/distributed.md)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
     except ImportError:
@@ -161,8 +165,6 @@ def _init_ray(address: str, workers: int, threads: int):
     started = False
     if not ray.is_initialized():
         if address == LOCAL:
-            # a one-machine cluster: every Ray connection on loopback (see docs/distributed.md)
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
             ray.init(num_cpus=workers * max(1, threads), include_dashboard=False, _node_ip_address="127.0.0.1",
                      log_to_driver=False, configure_logging=False)
         else:

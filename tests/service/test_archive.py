@@ -33,14 +33,14 @@ LOOPBACK = ("127.", "[::1]", "::1", "[::ffff:127.", "::ffff:127.")
 def ray_cluster():
     """A local Ray instance with 2 CPUs, bound to 127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``:
     without it Ray on Linux also connects to the machine's primary address)."""
+    saved = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read when ray is imported: set it before
     try:
         import ray
     except ImportError:
         if os.environ.get("CI"):
             pytest.fail("ray is not installed (CI installs the 'distributed' extra: scripts/test.sh)")
         pytest.skip("ray is not installed: pip install -e '.[distributed]'")
-    saved = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              configure_logging=False)
     try:
