@@ -3,6 +3,8 @@ uvicorn server on 127.0.0.1."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import numpy as np
 import onnxruntime as ort
@@ -18,6 +20,11 @@ OUTPUTS = ("logits", "probabilities", "orientation_responses", "features")
 @pytest.fixture(scope="module")
 def triton(live_server):
     client = httpclient.InferenceServerClient(url=live_server.url.removeprefix("http://"))
+    # the server is ready once every model's newest version is; older ones load after them: v1 follows
+    deadline = time.monotonic() + 60
+    while not client.is_model_ready(TINY, "1"):
+        assert time.monotonic() < deadline, "version 1 never became ready"
+        time.sleep(0.05)
     yield client
     client.close()
 
