@@ -133,12 +133,22 @@ def make_settings(model_dir: Path, **overrides) -> Settings:
 
 
 def wait_ready(get, timeout_s: float = 30.0) -> None:
+    """Until the server is ready and every version has loaded or failed: it is ready once each
+    model's newest version is, and older versions load after those (tests use them at once)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if get("/v2/health/ready").status_code == 200:
-            return
+            break
         time.sleep(0.02)
-    raise TimeoutError("server did not become ready")
+    else:
+        raise TimeoutError("server did not become ready")
+    while time.monotonic() < deadline:
+        r = get("/v1/models")
+        if r.status_code != 200 or all(v["state"] not in ("LOADING", "UNLOADED")
+                                       for m in r.json()["models"] for v in m["versions"]):
+            return  # (401: a test with API keys on; its own requests wait if they must)
+        time.sleep(0.02)
+    raise TimeoutError("the older versions did not finish loading")
 
 
 @pytest.fixture
