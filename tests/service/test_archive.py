@@ -116,21 +116,20 @@ def test_archive_on_ray_equals_the_single_machine_scorer_and_resumes(ray_cluster
 
     def stop_after_first(record, done, total):
         seen.append(record)
-        if done == 1:
+        if record["status"] == "done":
             raise Interrupt  # the driver stops (as on Ctrl-C): the actors are killed with it
 
     with pytest.raises(Interrupt):
         score_archive(archive, out, model_dir=path_model_repo, model=PATH_MODEL, options=options,
                       ray_address="local", workers=2, threads=1, progress=stop_after_first)
-    first = seen[0]["name"]
+    first = seen[-1]["name"]
     sealed = {p.parent.relative_to(out).as_posix() for p in out.rglob(DONE_FILE)}
-    assert first in sealed or seen[0]["status"] == "failed"
+    assert first in sealed and len(sealed) < 3  # (a second slide may have finished as the run stopped)
 
     # a damaged result file un-finishes its slide: it is scored again
     names = [item.name for item in list_archive(archive)]
-    damaged = sorted(sealed)[0] if sealed else None
-    if damaged:
-        (out / damaged / "tiles.csv").write_text("damaged\n")
+    damaged = first
+    (out / damaged / "tiles.csv").write_text("damaged\n")
     summary = score_archive(archive, out, model_dir=path_model_repo, model=PATH_MODEL, options=options,
                             ray_address="local", workers=2, threads=1)
     assert summary["slides"] == len(names)
