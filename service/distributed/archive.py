@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import csv
 import glob
+import json
 import logging
 import os
 import time
@@ -101,8 +102,6 @@ def _stamp(model_key: dict[str, str], options: SlideOptions) -> dict[str, Any]:
 def finished(out_dir: Path, stamp: dict[str, Any]) -> bool:
     """Whether ``out_dir`` holds the complete results of a run with this model and these options:
     ``done.json`` matches, and every file it lists has its recorded sha256."""
-    import json
-
     try:
         done = json.loads((out_dir / DONE_FILE).read_text())
     except (OSError, ValueError):
