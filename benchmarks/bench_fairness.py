@@ -18,14 +18,13 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from live_service import start_service  # benchmarks/live_service.py, beside this script
 import numpy as np
 from PIL import Image
 
@@ -35,25 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def start_server(model_src: Path, max_images: int) -> tuple[subprocess.Popen, str, Path]:
     repo = Path(tempfile.mkdtemp(prefix="bench-fair-"))
     shutil.copytree(model_src, repo / model_src.parent.name / model_src.name)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "GSA_LOG_LEVEL": "WARNING", "GSA_ACCESS_LOG": "false",
            "GSA_MAX_IMAGES_PER_REQUEST": str(max_images), "GSA_JOBS_DIR": str(repo / ".jobs")}
-    proc = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
-                             "--model-dir", str(repo)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                return proc, url, repo
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the service did not get ready in 300 s")
+    proc, url = start_service(repo, env, timeout_s=300)
+    return proc, url, repo
 
 
 def png(height: int, width: int) -> bytes:

@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+from live_service import start_service  # benchmarks/live_service.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,26 +71,6 @@ def fuzz(url: str, headers: dict[str, str], examples: int, seed: int = 0) -> dic
             "per_operation": per_operation, "failures": failures}
 
 
-def _serve(model_dir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
-                             "--model-dir", str(model_dir)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/v2/health/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the server did not become ready")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default=None, help="a running server (default: start one on --model-dir)")
@@ -106,7 +85,7 @@ def main() -> None:
                "GSA_JOBS_DIR": str(Path(os.environ.get("TMPDIR", "/tmp")) / f"gsa-fuzz-jobs-{os.getpid()}")}
         if args.key:
             env.update(GSA_AUTH="on", GSA_API_KEYS=args.key)
-        proc, url = _serve(args.model_dir, env)
+        proc, url = start_service(args.model_dir, env)
     headers = {"Authorization": f"Bearer {args.key}"} if args.key else {}
     try:
         t0 = time.perf_counter()
