@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run("process", None, 1)
         t0 = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
                  configure_logging=False)
         start_s = time.perf_counter() - t0
         try:

@@ -16,7 +16,7 @@ test can see the work spread. The model repository and the jobs directory must b
 node at the same path (jobs are shared through the SQLite store, safe across processes on one
 file system).
 
-The same application for ``serve run`` / ``serve deploy`` and KubeRay: ``service.cluster:app`` with
+The same application for ``serve run`` / ``serve deploy`` and KubeRay: ``service.cluster:app_builder`` with
 ``deploy/serve.yaml`` and ``deploy/rayservice.yaml``.
 """
 
@@ -59,7 +59,8 @@ def _asgi_app():
 
 
 def build(*, min_replicas: int = 1, max_replicas: int = 2, target_ongoing: float = 8.0, replica_cpus: float = 1.0,
-          max_ongoing: int = 64, env: dict[str, str] | None = None):
+          max_ongoing: int = 64, upscale_delay_s: float = 30.0, downscale_delay_s: float = 600.0,
+          env: dict[str, str] | None = None):
     """The Serve application: one deployment, the service's app as its ingress, autoscaling."""
     from ray import serve
 
@@ -75,7 +76,8 @@ def build(*, min_replicas: int = 1, max_replicas: int = 2, target_ongoing: float
         name="gsa-serve",
         max_ongoing_requests=max_ongoing,
         autoscaling_config={"min_replicas": min_replicas, "max_replicas": max_replicas,
-                            "target_ongoing_requests": target_ongoing},
+                            "target_ongoing_requests": target_ongoing,
+                            "upscale_delay_s": upscale_delay_s, "downscale_delay_s": downscale_delay_s},
         ray_actor_options={"num_cpus": replica_cpus, "runtime_env": {"env_vars": env if env is not None else _settings_env()}},
         health_check_period_s=5,
     )
@@ -84,8 +86,15 @@ def build(*, min_replicas: int = 1, max_replicas: int = 2, target_ongoing: float
 
 def app_builder(args: dict[str, Any]):
     """For ``serve run service.cluster:app_builder min_replicas=1 max_replicas=2`` and Serve config files."""
+    known = {"min_replicas", "max_replicas", "target_ongoing", "replica_cpus", "max_ongoing", "upscale_delay_s",
+             "downscale_delay_s"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"unknown argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return build(min_replicas=int(args.get("min_replicas", 1)), max_replicas=int(args.get("max_replicas", 2)),
-                 target_ongoing=float(args.get("target_ongoing", 8)), replica_cpus=float(args.get("replica_cpus", 1)))
+                 target_ongoing=float(args.get("target_ongoing", 8)), replica_cpus=float(args.get("replica_cpus", 1)),
+                 max_ongoing=int(args.get("max_ongoing", 64)), upscale_delay_s=float(args.get("upscale_delay_s", 30)),
+                 downscale_delay_s=float(args.get("downscale_delay_s", 600)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-replicas", type=int, default=1)
     p.add_argument("--max-replicas", type=int, default=2)
     p.add_argument("--target-ongoing", type=float, default=8.0, help="ongoing requests per replica to scale at")
-    p.add_argument("--replica-cpus", type=float, default=1.0)
+    p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves for each replica")
+    p.add_argument("--max-ongoing", type=int, default=64, help="requests a replica takes at once; more wait in the proxy")
+    p.add_argument("--upscale-delay-s", type=float, default=30.0, help="load above target this long adds a replica")
+    p.add_argument("--downscale-delay-s", type=float, default=600.0, help="load below target this long removes one")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance (default: all)")
     args = p.parse_args(argv)
     if args.address == LOCAL:
@@ -108,12 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         sys.exit("python -m service.cluster: Ray Serve is not installed: pip install -e '.[distributed]'")
     if args.address == LOCAL:
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
     else:
         ray.init(address=args.address, configure_logging=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build(min_replicas=args.min_replicas, max_replicas=args.max_replicas, target_ongoing=args.target_ongoing,
-                    replica_cpus=args.replica_cpus), name="gsa-serve", route_prefix="/")
+                    replica_cpus=args.replica_cpus, max_ongoing=args.max_ongoing, upscale_delay_s=args.upscale_delay_s,
+                    downscale_delay_s=args.downscale_delay_s), name="gsa-serve", route_prefix="/")
     print(f"serving on http://{args.host}:{args.port} with {args.min_replicas}-{args.max_replicas} replicas", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -164,7 +164,7 @@ def _init_ray(address: str, workers: int, threads: int):
     started = False
     if not ray.is_initialized():
         if address == LOCAL:
-            ray.init(num_cpus=workers * max(1, threads), include_dashboard=False, _node_ip_address="127.0.0.1",
+            ray.init(address="local", num_cpus=workers * max(1, threads), include_dashboard=False, _node_ip_address="127.0.0.1",
                      log_to_driver=False, configure_logging=False)
         else:
             ray.init(address=address, log_to_driver=False, configure_logging=False)

@@ -18,15 +18,22 @@ from pathlib import Path
 
 import pytest
 from data_paths import SLIDE, data_path
+from loopback import descendants, sockets_off_loopback
 from scoring_fixtures import PATH_MODEL
 
-from service.distributed.archive import DONE_FILE, SUMMARY_FILE, ArchiveItem, finished, list_archive, score_archive
+from service.distributed.archive import (
+    DONE_FILE,
+    SUMMARY_FILE,
+    ArchiveItem,
+    finished,
+    list_archive,
+    score_archive,
+)
 from service.scoring.scoring_errors import ScoringError
 from service.scoring.slide_scoring import SlideOptions, score_slide
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPARED = ("tiles.csv", "tiles.geojson", "heatmap.npy", "heatmap.png")
-LOOPBACK = ("127.", "[::1]", "::1", "[::ffff:127.", "::ffff:127.")
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +48,7 @@ def ray_cluster():
         if os.environ.get("CI"):
             pytest.fail("ray is not installed (CI installs the 'distributed' extra: scripts/test.sh)")
         pytest.skip("ray is not installed: pip install -e '.[distributed]'")
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              configure_logging=False)
     try:
         yield ray
@@ -66,23 +73,6 @@ def archive(synthetic_slides, tmp_path_factory) -> Path:
     (root / "broken.svs").write_bytes(b"II*\x00" + b"\x00" * 64)  # a TIFF header and nothing else
     (root / "notes.txt").write_text("not a slide\n")
     return root
-
-
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
 
 
 def test_list_archive_folder_glob_and_manifest(archive, tmp_path):
@@ -158,12 +148,7 @@ def test_archive_on_ray_equals_the_single_machine_scorer_and_resumes(ray_cluster
     assert not finished(out / "a", {"model": stamp["model"], "options": {**stamp["options"], "min_tissue": 0.25}})
 
     # every connection of this process and of the Ray processes it started is on loopback
-    pids = {os.getpid()} | _descendants(os.getpid())
-    lines = subprocess.run(["ss", "-tanpH"], capture_output=True, text=True, check=True).stdout.splitlines()
-    ours = [line.split() for line in lines if any(f"pid={pid}," in line for pid in pids)]
-    assert len(ours) > 5, "no Ray connections seen: the check would prove nothing"
-    outside = [f[3:5] for f in ours if not (f[3].startswith(LOOPBACK) and (f[4].startswith(LOOPBACK) or f[4].startswith(("0.0.0.0", "*", "[::]"))))]
-    assert outside == [], outside
+    assert sockets_off_loopback({os.getpid()} | descendants(os.getpid())) == []
 
 
 def test_cli_slides_in_this_process(archive, path_model_repo, tmp_path):
