@@ -4,6 +4,7 @@
 #   docker build -t gsa-serve:cpu .                           onnxruntime on python:3.12-slim
 #   docker build -t gsa-serve:gpu --build-arg VARIANT=gpu .   onnxruntime-gpu on the CUDA runtime
 #   docker build -t gsa-serve:cpu-models --build-arg MODELS=models .   models/ baked in at /models
+#   docker build -t gsa-serve:cpu-ray --build-arg WITH_RAY=1 .   with Ray Serve (deploy/rayservice.yaml)
 #
 # Without MODELS, /models is empty: mount a model repository there read-only (docker-compose.yml
 # does). The environment is built by deploy/install-serve.sh, which tests/deploy run the same way.
@@ -29,12 +30,14 @@ ENV SERVE_EXTRA=serve-gpu
 # base-${VARIANT} is one of the stages above, tagged there
 # hadolint ignore=DL3006
 FROM base-${VARIANT} AS build
+# any value adds the `ray` extra (Ray Serve, for python -m service.cluster and KubeRay)
+ARG WITH_RAY=
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY deploy/install-serve.sh deploy/
 COPY gsa_contract/ gsa_contract/
 COPY service/ service/
-RUN --mount=type=cache,target=/root/.cache/pip sh deploy/install-serve.sh /opt/venv "$SERVE_EXTRA"
+RUN --mount=type=cache,target=/root/.cache/pip sh deploy/install-serve.sh /opt/venv "$SERVE_EXTRA${WITH_RAY:+,ray}"
 
 # ---- serve: the environment, a non-root user, the models -----------------------------------------
 # hadolint ignore=DL3006

@@ -64,7 +64,10 @@ def test_variants_choose_their_extra_and_base(dockerfile):
     assert build.base == serve.base == "base-cpu"  # both on the same base: the same Python
     assert re.findall(r"^FROM base-\$\{VARIANT\} AS (\w+)$", DOCKERFILE.read_text(), re.M) == ["build", "serve"]
     (run,) = build.all("RUN")
-    assert run.words()[:4] == ["sh", "deploy/install-serve.sh", "/opt/venv", "$SERVE_EXTRA"]
+    assert run.words()[:4] == ["sh", "deploy/install-serve.sh", "/opt/venv", "$SERVE_EXTRA${WITH_RAY:+,ray}"]
+    assert [i.words() for i in build.all("ARG")] == [["WITH_RAY="]]  # no Ray unless asked for; the `ray` extra adds Ray Serve alone
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert _extra_closure(extras, "ray") == {"ray"} and _extra_closure(extras, "distributed") == _extra_closure(extras, "serve") | {"ray"}
 
 
 def test_build_copies_only_the_serving_code(dockerfile):
