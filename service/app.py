@@ -33,8 +33,8 @@ DESCRIPTION = """Rotation-equivariant GSA-Net image classifiers on ONNX Runtime.
   (`tritonclient.http`, KServe).
 * `/v1/models/{name}/predict`: images in (PNG, JPEG, TIFF), labels, probabilities and orientation
   responses out.
-* `/v1/jobs/...`: batch scoring jobs for whole slides and patch sets (202 with a job id, progress,
-  result downloads, cancel).
+* `/v1/jobs/...`: batch scoring jobs for whole slides, patch sets and slide archives (202 with a job
+  id, progress, result downloads, cancel).
 * `/metrics`: Prometheus.
 * `/`: a web page for people (predictions, orientation responses, slide heatmaps).
 
@@ -90,7 +90,9 @@ def _job_manager(settings: Settings, server: ModelServer) -> JobManager:
 
     return JobManager(settings.jobs_dir, resolve_model, settings.max_concurrent_jobs, settings.max_queued_jobs,
                       settings.resume_jobs, data_dir=settings.data_dir, checkpoint_every=settings.job_checkpoint_tiles,
-                      lease_s=settings.job_lease_s, poll_s=settings.job_poll_s, on_tiles=count_tiles)
+                      lease_s=settings.job_lease_s, poll_s=settings.job_poll_s, on_tiles=count_tiles,
+                      model_dir=settings.model_dir, ray_address=settings.ray_address, ray_workers=settings.ray_workers,
+                      ray_threads=settings.ray_threads)
 
 
 def _count(request: Request, outcome: str) -> None:

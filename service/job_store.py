@@ -70,7 +70,8 @@ class Job:
     state: JobState = JobState.QUEUED
     done: int = 0
     total: int | None = None
-    resumed_from: int = 0  # items restored from the checkpoint at the start of this attempt
+    resumed_from: int = 0  # items restored from the checkpoint at this attempt's start (archives: slides sealed)
+    tiles: int | None = None  # archives (whose done and total count slides): tiles scored by this attempt
     error: str | None = None
     notes: list[str] = field(default_factory=list)
     attempts: int = 0
@@ -88,7 +89,7 @@ class Job:
         data.pop("source")
         data["state"] = self.state.value
         data["progress"] = {"done": self.done, "total": self.total, "resumed_from": data.pop("resumed_from"),
-                            "fraction": (self.done / self.total) if self.total else None}
+                            "fraction": (self.done / self.total) if self.total else None, "tiles": data.pop("tiles")}
         return data
 
     def to_record(self) -> str:

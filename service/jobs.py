@@ -1,15 +1,20 @@
-"""Scoring jobs (slides and patch sets) run by worker threads, with their state in a SQLite store (no
-FastAPI).
+"""Scoring jobs (slides, patch sets and slide archives) run by worker threads, with their state in a
+SQLite store (no FastAPI).
 
 Layout under the jobs directory: ``jobs.sqlite3`` (every job's state, shared by the service
 processes that use this directory), ``<id>/input/`` (an uploaded file), ``<id>/checkpoint/`` (the
 scored items of a running job, saved every ``checkpoint_every`` items) and ``<id>/results/`` (the
-result files). A job whose worker is gone (a stop, a crash, SIGKILL) is queued again and resumes
-from its checkpoint, or is marked failed when resuming is off or its input is gone.
+result files; for an archive, one folder per slide and ``summary.json``). A job whose worker is
+gone (a stop, a crash, SIGKILL) is queued again and resumes from its checkpoint (an archive: from
+the slides already sealed), or is marked failed when resuming is off or its input is gone.
+
+An archive job runs ``score_archive``: in this process with the served model, or, with a Ray
+address, on a pool of Ray actors (Ray is imported only then).
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -21,9 +26,11 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from service.errors import BadRequest, Conflict, NotFound, Overloaded, ServiceError, Unavailable
+from service.distributed.archive import SUMMARY_FILE, ArchiveItem, list_archive, result_files, score_archive
+from service.errors import BadRequest, Conflict, Forbidden, NotFound, Overloaded, ServiceError, Unavailable
 from service.job_store import Job, JobState, JobStore, Page
 from service.scoring.checkpoint import Checkpoint
+from service.scoring.outputs import write_json
 from service.scoring.patch_scoring import PATCH_RESULTS, PatchOptions, score_patches
 from service.scoring.pipeline import ScoringModel
 from service.scoring.scoring_errors import BadParameter, Cancelled, ScoringError
@@ -38,10 +45,17 @@ RESULT_MEDIA_TYPES = {
     ".csv": "text/csv", ".geojson": "application/geo+json", ".json": "application/json",
     ".npy": "application/octet-stream", ".png": "image/png",
 }
-KINDS = {"slide": (SlideOptions, score_slide, SLIDE_RESULTS), "patches": (PatchOptions, score_patches, PATCH_RESULTS)}
+# kind -> (options, engine, result files); an archive's results are listed when it finishes
+KINDS = {"slide": (SlideOptions, score_slide, SLIDE_RESULTS), "patches": (PatchOptions, score_patches, PATCH_RESULTS),
+         "archive": (SlideOptions, score_archive, ())}
 ModelResolver = Callable[[str, "str | None"], ScoringModel]
 TileCounter = Callable[[str, int], None]
 _HOST = socket.gethostname()
+
+
+def _input_exists(job: Job) -> bool:
+    """Whether a job's input is still there (an archive's glob pattern is looked at when it runs)."""
+    return Path(job.source).exists() or (job.kind == "archive" and glob.has_magic(job.source))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -70,11 +84,18 @@ class JobManager:
             taken over.
         poll_s: how often idle workers look for jobs other processes queued.
         on_tiles: ``(kind, count)`` for every batch of items scored (metrics).
+        model_dir: the model repository (archive jobs on Ray: every actor loads its model from it).
+        ray_address: where archive jobs run: None in this process; else a Ray cluster (``local``,
+            ``127.0.0.1:6379``, ``auto``, ``ray://host:10001``).
+        ray_workers: Ray actors of an archive job (one model session each).
+        ray_threads: ONNX Runtime threads (and Ray CPUs) of each actor.
     """
 
     def __init__(self, root: Path, resolve_model: ModelResolver, max_concurrent: int = 1, max_queued: int = 100,
                  resume: bool = True, data_dir: Path | None = None, checkpoint_every: int = 256,
-                 lease_s: float = 60.0, poll_s: float = 1.0, on_tiles: TileCounter | None = None):
+                 lease_s: float = 60.0, poll_s: float = 1.0, on_tiles: TileCounter | None = None,
+                 model_dir: Path | None = None, ray_address: str | None = None, ray_workers: int = 1,
+                 ray_threads: int = 1):
         self.root = Path(root)
         self.store = JobStore(self.root)
         self.resolve_model = resolve_model
@@ -86,6 +107,10 @@ class JobManager:
         self.lease_s = lease_s
         self.poll_s = poll_s
         self.on_tiles = on_tiles
+        self.model_dir = Path(model_dir) if model_dir is not None else None
+        self.ray_address = ray_address
+        self.ray_workers = ray_workers
+        self.ray_threads = ray_threads
         self.worker_id = f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._running: dict[str, threading.Event] = {}  # jobs this process runs -> their cancel event
         self._lock = threading.RLock()
@@ -130,7 +155,7 @@ class JobManager:
             if not self.resume:
                 job.state, job.finished_at = JobState.FAILED, time.time()
                 job.error = "interrupted by a service restart (resuming jobs is off)"
-            elif not Path(job.source).exists():
+            elif not _input_exists(job):
                 job.state, job.finished_at = JobState.FAILED, time.time()
                 job.error = f"interrupted by a service restart, and its input {job.input['path']} is gone"
             else:
@@ -184,6 +209,23 @@ class JobManager:
         self._wake.set()
         log.info("job %s queued: %s %s on %s", job.id, kind, job.input["path"], model)
         return job
+
+    def archive_items(self, source: Path) -> list[ArchiveItem]:
+        """The slides of an archive input (a folder, glob pattern or CSV manifest; see ``list_archive``),
+        each of which must resolve inside the data directory: BadRequest when there is none to
+        score, Forbidden for a slide elsewhere (a symlink, a manifest naming ``../`` or an absolute
+        path)."""
+        try:
+            items = list_archive(source)
+        except ScoringError as exc:
+            raise BadRequest(self._scrub(str(exc))) from None
+        if self.data_dir is not None:
+            outside = [item for item in items if not item.path.resolve().is_relative_to(self.data_dir)]
+            if outside:
+                first = self._scrub(str(outside[0].path))
+                raise Forbidden(f"{len(outside)} slide(s) of the archive resolve outside the data directory, the "
+                                f"first: {first!r}; every slide must be inside GSA_DATA_DIR")
+        return items
 
     def get(self, job_id: str, principal: str | None = None) -> Job:
         """The job; 404 for another principal's job (so that ids cannot be probed)."""
@@ -275,29 +317,13 @@ class JobManager:
                 self._running.pop(job.id, None)
 
     def _execute(self, job: Job, cancel: threading.Event) -> None:
-        _, score, _ = KINDS[job.kind]
-        options = KINDS[job.kind][0].from_dict(self._runtime_options(job))
         checkpoint = Checkpoint(self.root / job.id / "checkpoint", self.checkpoint_every)
-        last_save = [0.0]
-        first = [True]
-
-        def progress(done: int, total: int) -> None:
-            if first[0]:
-                first[0] = False
-                job.resumed_from = checkpoint.resumed_from
-            elif self.on_tiles is not None:
-                self.on_tiles(job.kind, done - job.done)
-            job.done, job.total = done, total
-            if time.monotonic() - last_save[0] > 1.0 or checkpoint.saved == done:
-                last_save[0] = time.monotonic()
-                if self.store.save(job, self.worker_id, heartbeat=True):
-                    cancel.set()
-
         out = self.root / job.id / "results"
         try:
-            model = self._model_for(job, cancel)
-            meta = score(model, job.source, out, options, progress=progress, cancel=cancel, checkpoint=checkpoint,
-                         source_name=job.input["path"])
+            if job.kind == "archive":
+                results = self._score_archive(job, cancel, out)
+            else:
+                results = self._score(job, cancel, out, checkpoint)
         except Cancelled:
             if self._stopping.is_set():
                 log.info("job %s interrupted by shutdown; it resumes on the next start", job.id)
@@ -314,8 +340,71 @@ class JobManager:
             self._finish(job, JobState.FAILED, f"internal error: {type(exc).__name__}: {exc}")
             return
         checkpoint.clear()
-        job.results = list(meta["results"])
+        job.results = results
         self._finish(job, JobState.SUCCEEDED)
+
+    def _score(self, job: Job, cancel: threading.Event, out: Path, checkpoint: Checkpoint) -> list[str]:
+        """A slide or a patch set, checkpointed as it goes; the result files."""
+        _, score, _ = KINDS[job.kind]
+        options = KINDS[job.kind][0].from_dict(self._runtime_options(job))
+        last_save = [0.0]
+        first = [True]
+
+        def progress(done: int, total: int) -> None:
+            if first[0]:
+                first[0] = False
+                job.resumed_from = checkpoint.resumed_from
+            elif self.on_tiles is not None:
+                self.on_tiles(job.kind, done - job.done)
+            job.done, job.total = done, total
+            if time.monotonic() - last_save[0] > 1.0 or checkpoint.saved == done:
+                last_save[0] = time.monotonic()
+                if self.store.save(job, self.worker_id, heartbeat=True):
+                    cancel.set()
+
+        model = self._model_for(job, cancel)
+        meta = score(model, job.source, out, options, progress=progress, cancel=cancel, checkpoint=checkpoint,
+                     source_name=job.input["path"])
+        return list(meta["results"])
+
+    def _score_archive(self, job: Job, cancel: threading.Event, out: Path) -> list[str]:
+        """Every slide of an archive into ``out/<name>/`` and ``out/summary.json``; slides sealed by an
+        earlier attempt are skipped. Progress counts slides (``tiles``: tiles scored by this attempt).
+        Failed slides are listed in the summary and the notes; only a run where none succeeded fails."""
+        if self.model_dir is None:
+            raise ScoringError("archive jobs need the model repository's path (model_dir)")
+        options = SlideOptions.from_dict(self._runtime_options(job))
+        items = self.archive_items(Path(job.source))
+        model = self._model_for(job, cancel)
+        job.done, job.total, job.tiles = 0, len(items), 0
+        if self.store.save(job, self.worker_id, heartbeat=True):  # the slide count, shown from the start
+            cancel.set()
+
+        def progress(record: dict[str, Any], done: int, pending: int) -> None:
+            job.resumed_from = len(items) - pending
+            job.done = job.resumed_from + done
+            job.tiles += record.get("tiles", 0)
+            if self.on_tiles is not None and record.get("tiles"):
+                self.on_tiles(job.kind, record["tiles"])
+            if self.store.save(job, self.worker_id, heartbeat=True):
+                cancel.set()
+
+        summary = score_archive(
+            items, out, model_dir=self.model_dir, model=job.model, version=job.model_version, options=options,
+            ray_address=self.ray_address, workers=self.ray_workers, threads=self.ray_threads, progress=progress,
+            session=model if self.ray_address is None else None, cancel=cancel)
+        summary = self._scrub_json(summary)  # the slides named relative to the data directory, as elsewhere
+        write_json(out / SUMMARY_FILE, summary)
+        job.resumed_from, job.done = summary["skipped"], summary["slides"]
+        failed = summary["failed"]
+        if failed and summary["done"] + summary["skipped"] == 0:
+            raise ScoringError(f"every slide failed ({len(failed)}); the first: {failed[0]['name']}: "
+                               f"{failed[0]['error']}")
+        if failed:
+            job.notes.append(f"{len(failed)} of {summary['slides']} slides failed (see summary.json): "
+                             + "; ".join(f"{f['name']}: {f['error']}" for f in failed[:3])
+                             + (" ..." if len(failed) > 3 else ""))
+        return result_files(out, items)
 
     def _runtime_options(self, job: Job) -> dict[str, Any]:
         """Options as the engine takes them: a labels file named relative to the data directory made absolute."""
@@ -340,6 +429,15 @@ class JobManager:
         self.store.save(job, None, heartbeat=True)
         level = logging.WARNING if state is JobState.FAILED else logging.INFO
         log.log(level, "job %s %s%s", job.id, state.value, f": {job.error}" if job.error else "")
+
+    def _scrub_json(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self._scrub(value)
+        if isinstance(value, dict):
+            return {k: self._scrub_json(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._scrub_json(v) for v in value]
+        return value
 
     def _scrub(self, text: str | None) -> str | None:
         """No absolute server path in a message: the data and jobs directories are cut off."""

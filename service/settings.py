@@ -90,6 +90,12 @@ class Settings(BaseSettings):
     job_checkpoint_tiles: int = Field(256, ge=1)  # a running job saves its scored tiles (patches) this often
     job_lease_s: float = Field(60.0, gt=0)  # a job whose worker (another host) is silent this long is taken over
     job_poll_s: float = Field(1.0, gt=0)  # idle workers look for jobs queued by other processes this often
+    # archive jobs (POST /v1/jobs/archives): None scores them in this process with the served model;
+    # a Ray address ("local", "127.0.0.1:6379", "auto", "ray://host:10001") on a pool of Ray actors.
+    # Ray (the 'distributed' extra) is imported only when such a job runs
+    ray_address: str | None = None
+    ray_workers: int = Field(1, ge=1)  # actors per archive job, one model session each
+    ray_threads: int = Field(1, ge=1)  # ONNX Runtime threads (and Ray CPUs) per actor
 
     # authentication (service/auth.py): bearer API keys, kept as sha256 hashes
     auth: Literal["auto", "on", "off"] = "auto"  # auto: off when ``host`` is loopback, on otherwise

@@ -1,9 +1,11 @@
-"""Scoring jobs: submit a slide or a patch set (uploaded, or a path inside the data directory), follow
-its progress, download its results, cancel it."""
+"""Scoring jobs: submit a slide or a patch set (uploaded, or a path inside the data directory) or a
+slide archive (a path inside the data directory), follow its progress, download its results, cancel it."""
 
 from __future__ import annotations
 
 import asyncio
+import glob
+import importlib.util
 import json
 import re
 import shutil
@@ -14,7 +16,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from service.dependencies import ServerDep, SettingsDep
-from service.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from service.errors import (BadRequest, Forbidden, NotFound, PayloadTooLarge, Unavailable, Unprocessable,
+                            UnsupportedMediaType)
 from service.jobs import RESULT_MEDIA_TYPES, Job, JobManager, JobState
 from service.scoring.patch_scoring import PatchOptions, fit_patches, open_patches
 from service.scoring.scoring_errors import BadParameter, ScoringError
@@ -29,6 +32,9 @@ _UPLOAD_DOC = {"openapi_extra": {"requestBody": {"required": True, "content": {
         "model": {"type": "string"}, "version": {"type": "string"}, "path": {"type": "string"},
         "options": {"type": "object"}}}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+}}}, "status_code": 202}
+_PATH_DOC = {"openapi_extra": {"requestBody": {"required": True, "content": {
+    "application/json": _UPLOAD_DOC["openapi_extra"]["requestBody"]["content"]["application/json"],
 }}}, "status_code": 202}
 
 
@@ -66,6 +72,27 @@ def resolve_data_path(settings: Settings, given: str) -> Path:
     return resolved
 
 
+def resolve_archive_path(settings: Settings, given: str) -> Path:
+    """An archive's path: a folder or CSV manifest (as ``resolve_data_path``), or a glob pattern whose
+    folder part resolves inside the data directory (the slides it matches are checked when listed)."""
+    if not glob.has_magic(given) or "\x00" in given:
+        return resolve_data_path(settings, given)
+    parts = Path(given).parts
+    if ".." in parts:
+        raise Forbidden(f"path {given!r} is outside the data directory; give a path inside GSA_DATA_DIR")
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    return resolve_data_path(settings, str(Path(*parts[:first])) if first else ".").joinpath(*parts[first:])
+
+
+def _check_archive(settings: Settings, jobs: JobManager, path: Path) -> None:
+    """An archive job is refused now when it cannot run: no slide to score, a slide outside the data
+    directory, or a Ray address without Ray installed."""
+    if settings.ray_address is not None and importlib.util.find_spec("ray") is None:
+        raise Unavailable("archive jobs run on Ray (GSA_RAY_ADDRESS is set) but Ray is not installed here: "
+                          "pip install 'gsa-serve[distributed]', or unset GSA_RAY_ADDRESS to score in this process")
+    jobs.archive_items(path)
+
+
 def _check_options(settings: Settings, kind: str, options: dict[str, Any]) -> dict[str, Any]:
     """Options a client may not set, and paths in options held to the data directory."""
     if "max_plain_pixels" in options:
@@ -82,7 +109,7 @@ def _check_fit(server, kind: str, name: str, version: str | None, path: Path, op
     RGB model; a patch set's first patch must fit the model's size (``fit``) and colours (``convert``)."""
     card = server.find(name, version).card
     try:
-        opts = (SlideOptions if kind == "slide" else PatchOptions).from_dict(options)
+        opts = (PatchOptions if kind == "patches" else SlideOptions).from_dict(options)
     except (BadParameter, TypeError) as exc:
         raise BadRequest(f"invalid options: {exc}") from None
     if card is None:
@@ -105,10 +132,10 @@ def _check_fit(server, kind: str, name: str, version: str | None, path: Path, op
 
 
 def _check_model(server, kind: str, name: str, version: str | None, options: dict[str, Any]) -> None:
-    """Unknown models are 404 now; a slide job for a model without mpp, or embeddings from a model
-    without features, are 400 now."""
+    """Unknown models are 404 now; a slide or archive job for a model without mpp, or embeddings from a
+    model without features, are 400 now."""
     mv = server.find(name, version)
-    if kind == "slide" and mv.card is not None and mv.card.mpp is None:
+    if kind in ("slide", "archive") and mv.card is not None and mv.card.mpp is None:
         raise BadRequest(f"model '{mv.name}' version '{mv.version}' has no resolution ('mpp') in its card, so slides "
                          "cannot be tiled at its scale; use a pathology model exported with --mpp")
     if options.get("embeddings", "none") != "none" and mv.card is not None and mv.card.feature_dim is None:
@@ -146,6 +173,9 @@ async def _submit(request: Request, server, settings: Settings, kind: str, model
                   filename: str | None, options: str | None) -> JSONResponse:
     jobs = _jobs(request)
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "archive" and media_type != "application/json":
+        raise BadRequest('archive jobs take no upload: send JSON {"path": ..., "model": ..., "options": {...}} '
+                         "naming a folder, a glob pattern or a CSV manifest inside the data directory (GSA_DATA_DIR)")
     if media_type == "application/json":
         try:
             body = json.loads(await request.body())
@@ -159,9 +189,11 @@ async def _submit(request: Request, server, settings: Settings, kind: str, model
             raise BadRequest("'options' must be an object")
         name = _model_name(server, body.get("model"))
         _check_model(server, kind, name, body.get("version"), opts)
-        path = resolve_data_path(settings, body["path"])
+        path = (resolve_archive_path if kind == "archive" else resolve_data_path)(settings, body["path"])
         opts = _check_options(settings, kind, opts)
         await asyncio.to_thread(_check_fit, server, kind, name, body.get("version"), path, opts, settings.data_dir)
+        if kind == "archive":
+            await asyncio.to_thread(_check_archive, settings, jobs, path)
         job = jobs.submit(kind, name, body.get("version"), path, False, opts, owner=_principal(request))
     elif media_type in ("application/octet-stream", "image/tiff", "image/png", "image/jpeg", "application/x-hdf5",
                         "application/x-hdf"):
@@ -214,6 +246,12 @@ async def submit_patches(
     return await _submit(request, server, settings, "patches", model, version, filename, options)
 
 
+@router.post("/archives", **_PATH_DOC)
+async def submit_archive(request: Request, server: ServerDep, settings: SettingsDep) -> JSONResponse:
+    """Queue a slide archive job: a folder, glob pattern or CSV manifest in the data directory (202 with the job)."""
+    return await _submit(request, server, settings, "archive", None, None, None, None)
+
+
 @router.get("")
 async def list_jobs(
     request: Request,
@@ -246,9 +284,9 @@ async def delete_job(job_id: str, request: Request) -> JSONResponse:
     return JSONResponse(job_view(await asyncio.to_thread(jobs.cancel, job_id, principal)), status_code=202)
 
 
-@router.get("/{job_id}/results/{name}")
+@router.get("/{job_id}/results/{name:path}")
 async def get_result(job_id: str, name: str, request: Request) -> FileResponse:
-    """Download one result file of a finished job."""
+    """Download one result file of a finished job (an archive's: ``summary.json`` or ``<slide>/<file>``)."""
     path = await asyncio.to_thread(_jobs(request).result_path, job_id, name, _principal(request))
     return FileResponse(path, media_type=RESULT_MEDIA_TYPES.get(path.suffix, "application/octet-stream"),
-                        filename=f"{job_id[:8]}-{name}")
+                        filename=f"{job_id[:8]}-{name.replace('/', '_')}")

@@ -1,7 +1,8 @@
 """Slide archives (``service/distributed/archive.py``): listing a folder, glob or CSV manifest, and
 scoring on a real local Ray cluster started here (2 CPUs, every connection on loopback): the same
 files byte for byte as the single-machine scorer, a corrupt slide reported while the run goes on,
-a run interrupted and started again that skips the finished slides, and the CLI.
+a run interrupted and started again that skips the finished slides, a run cancelled from another
+thread (in this process, and on Ray where its actors are killed), and the CLI.
 
 Ray is the optional ``distributed`` extra: without it the Ray tests skip, except under CI (``CI``
 set), where they fail.
@@ -14,6 +15,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +32,7 @@ from service.distributed.archive import (
     list_archive,
     score_archive,
 )
-from service.scoring.scoring_errors import ScoringError
+from service.scoring.scoring_errors import Cancelled, ScoringError
 from service.scoring.slide_scoring import SlideOptions, score_slide
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,6 +76,15 @@ def archive(synthetic_slides, tmp_path_factory) -> Path:
     (root / "broken.svs").write_bytes(b"II*\x00" + b"\x00" * 64)  # a TIFF header and nothing else
     (root / "notes.txt").write_text("not a slide\n")
     return root
+
+
+def _pid_gone(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists() or (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def test_list_archive_folder_glob_and_manifest(archive, tmp_path):
@@ -149,6 +161,70 @@ def test_archive_on_ray_equals_the_single_machine_scorer_and_resumes(ray_cluster
 
     # every connection of this process and of the Ray processes it started is on loopback
     assert sockets_off_loopback({os.getpid()} | descendants(os.getpid())) == []
+
+
+def _cancel_after_first_done(cancel: threading.Event, seen: list[dict]):
+    def progress(record, done, total):
+        seen.append(record)
+        if record["status"] == "done":
+            cancel.set()
+    return progress
+
+
+def test_cancel_stops_a_run_in_this_process(archive, path_model_repo, tmp_path):
+    """``cancel`` set after the first slide: Cancelled, no summary, that slide sealed and no other;
+    started again, the run skips it."""
+    options, out, cancel, seen = SlideOptions(batch_size=32, stride=32), tmp_path / "out", threading.Event(), []
+    with pytest.raises(Cancelled):
+        score_archive(archive, out, model_dir=path_model_repo, model=PATH_MODEL, options=options, threads=1,
+                      progress=_cancel_after_first_done(cancel, seen), cancel=cancel)
+    first = next(r["name"] for r in seen if r["status"] == "done")
+    assert {p.parent.relative_to(out).as_posix() for p in out.rglob(DONE_FILE)} == {first}
+    assert not (out / SUMMARY_FILE).exists()
+    summary = score_archive(archive, out, model_dir=path_model_repo, model=PATH_MODEL, options=options, threads=1)
+    assert summary["skipped_slides"] == [first]
+
+
+def _busy_actor(root: int) -> int | None:
+    """The pid of a Ray worker under ``root`` that is running ``SlideWorker.score`` (Ray names the
+    process after the task it runs)."""
+    for pid in descendants(root):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::SlideWorker.score"):
+            return pid
+    return None
+
+
+def test_cancel_on_ray_kills_the_actors(ray_cluster, archive, path_model_repo, tmp_path):
+    """On Ray, ``cancel`` set from another thread while an actor scores a slide ends the run with
+    Cancelled within a moment and kills the actor: its process is gone, and no slide is sealed."""
+    options = SlideOptions(batch_size=2, stride=16)  # a few seconds a slide: caught mid-slide
+    cancel, busy = threading.Event(), []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 120
+        while not cancel.is_set() and time.monotonic() < deadline:
+            pid = _busy_actor(os.getpid())
+            if pid is not None:
+                busy.append(pid)
+                cancel.set()
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    with pytest.raises(Cancelled):
+        score_archive(archive, tmp_path / "out", model_dir=path_model_repo, model=PATH_MODEL, options=options,
+                      ray_address="local", workers=1, threads=1, cancel=cancel)
+    stopped = time.monotonic()
+    watcher.join()
+    assert busy, "no actor was seen scoring: the test would prove nothing"
+    assert ray_cluster.is_initialized(), "a connection opened by the caller is left open"
+    assert _pid_gone(busy[0], 30), f"actor process {busy[0]} still runs after the cancel"
+    assert time.monotonic() - stopped < 30
+    assert list((tmp_path / "out").rglob(DONE_FILE)) == []
 
 
 def test_cli_slides_in_this_process(archive, path_model_repo, tmp_path):
