@@ -92,7 +92,7 @@ def _job_manager(settings: Settings, server: ModelServer) -> JobManager:
                       settings.resume_jobs, data_dir=settings.data_dir, checkpoint_every=settings.job_checkpoint_tiles,
                       lease_s=settings.job_lease_s, poll_s=settings.job_poll_s, on_tiles=count_tiles,
                       model_dir=settings.model_dir, ray_address=settings.ray_address, ray_workers=settings.ray_workers,
-                      ray_threads=settings.ray_threads)
+                      ray_threads=settings.ray_threads, ray_start_timeout_s=settings.ray_start_timeout_s)
 
 
 def _count(request: Request, outcome: str) -> None:

@@ -89,13 +89,14 @@ class JobManager:
             ``127.0.0.1:6379``, ``auto``, ``ray://host:10001``).
         ray_workers: Ray actors of an archive job (one model session each).
         ray_threads: ONNX Runtime threads (and Ray CPUs) of each actor.
+        ray_start_timeout_s: an archive job on Ray fails when its actors have not started by then.
     """
 
     def __init__(self, root: Path, resolve_model: ModelResolver, max_concurrent: int = 1, max_queued: int = 100,
                  resume: bool = True, data_dir: Path | None = None, checkpoint_every: int = 256,
                  lease_s: float = 60.0, poll_s: float = 1.0, on_tiles: TileCounter | None = None,
                  model_dir: Path | None = None, ray_address: str | None = None, ray_workers: int = 1,
-                 ray_threads: int = 1):
+                 ray_threads: int = 1, ray_start_timeout_s: float = 300.0):
         self.root = Path(root)
         self.store = JobStore(self.root)
         self.resolve_model = resolve_model
@@ -111,6 +112,7 @@ class JobManager:
         self.ray_address = ray_address
         self.ray_workers = ray_workers
         self.ray_threads = ray_threads
+        self.ray_start_timeout_s = ray_start_timeout_s
         self.worker_id = f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._running: dict[str, threading.Event] = {}  # jobs this process runs -> their cancel event
         self._lock = threading.RLock()
@@ -392,7 +394,8 @@ class JobManager:
         summary = score_archive(
             items, out, model_dir=self.model_dir, model=job.model, version=job.model_version, options=options,
             ray_address=self.ray_address, workers=self.ray_workers, threads=self.ray_threads, progress=progress,
-            session=model if self.ray_address is None else None, cancel=cancel)
+            session=model if self.ray_address is None else None, cancel=cancel,
+            start_timeout_s=self.ray_start_timeout_s)
         summary = self._scrub_json(summary)  # the slides named relative to the data directory, as elsewhere
         write_json(out / SUMMARY_FILE, summary)
         job.resumed_from, job.done = summary["skipped"], summary["slides"]

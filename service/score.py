@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'local' (a Ray instance on this machine), 'auto' (the running cluster) or "
                         "ray://host:10001; default: score in this process without Ray")
     a.add_argument("--workers", type=int, default=1, help="Ray actors, one model session each (default 1)")
+    a.add_argument("--start-timeout", type=float, default=300.0,
+                   help="seconds the Ray actors have to start and load the model (default 300)")
 
     q = sub.add_parser("patches", parents=[common], help="score a patch set")
     q.add_argument("path", type=Path, help="PCam .h5, ImageFolder tree, folder of images, .npy or .npz")
@@ -152,7 +154,7 @@ def _slides(args: argparse.Namespace) -> int:
 
     summary = score_archive(args.path, args.out, model_dir=args.model_dir, model=args.model, version=args.version,
                             options=_slide_options(args), ray_address=args.ray_address, workers=args.workers,
-                            threads=args.threads, progress=progress)
+                            threads=args.threads, progress=progress, start_timeout_s=args.start_timeout)
     print(f"{summary['done']} slides scored, {summary['skipped']} already done, {len(summary['failed'])} failed "
           f"of {summary['slides']}; {summary['tiles']} tiles in {summary['seconds']:.1f} s "
           f"({summary['tiles_per_s']:.1f} tiles/s) -> {args.out}/summary.json")

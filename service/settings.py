@@ -96,6 +96,7 @@ class Settings(BaseSettings):
     ray_address: str | None = None
     ray_workers: int = Field(1, ge=1)  # actors per archive job, one model session each
     ray_threads: int = Field(1, ge=1)  # ONNX Runtime threads (and Ray CPUs) per actor
+    ray_start_timeout_s: float = Field(300.0, gt=0)  # the actors must start (model loaded) within this
 
     # authentication (service/auth.py): bearer API keys, kept as sha256 hashes
     auth: Literal["auto", "on", "off"] = "auto"  # auto: off when ``host`` is loopback, on otherwise

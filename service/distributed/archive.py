@@ -178,6 +178,10 @@ class SlideWorker:
 
         self.model = load_model(Path(model_dir), model, version, threads)
 
+    def ready(self) -> bool:
+        """Answers once the actor has started and loaded its model."""
+        return True
+
     def score(self, item: ArchiveItem, out: str, options: SlideOptions, stamp: dict[str, Any]) -> dict[str, Any]:
         return score_item(self.model, item, Path(out), options, stamp)
 
@@ -250,7 +254,8 @@ _RAY = _RayConnection()
 
 def _on_ray(address: str, pending: list[ArchiveItem], out: Path, options: SlideOptions, stamp: dict[str, Any],
             model_dir: Path, model: str, version: str, workers: int, threads: int,
-            report: Callable[[dict[str, Any]], None], cancel: threading.Event | None) -> list[dict[str, Any]]:
+            report: Callable[[dict[str, Any]], None], cancel: threading.Event | None,
+            start_timeout_s: float) -> list[dict[str, Any]]:
     ray = _RAY.acquire(address, workers, threads)
     try:
         from ray.exceptions import RayError
@@ -261,6 +266,25 @@ def _on_ray(address: str, pending: list[ArchiveItem], out: Path, options: SlideO
                   for _ in range(min(workers, len(pending)))]
         idle, running, queue, records = list(actors), {}, collections.deque(pending), []
         try:
+            # a cluster that cannot place or start the actors (too few free CPUs, a node that cannot
+            # load the model) would otherwise leave the run waiting for ever
+            waiting, deadline = [a.ready.remote() for a in actors], time.monotonic() + start_timeout_s
+            while waiting:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("cancelled")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ScoringError(
+                        f"{len(waiting)} of {len(actors)} Ray workers did not start within {start_timeout_s:g} s: does "
+                        f"the cluster have {max(1, threads)} free CPU(s) for each, and the model repository at "
+                        f"{model_dir.resolve()} on every node?")
+                ready, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=min(left, _POLL_S))
+                for ref in ready:
+                    try:
+                        ray.get(ref)
+                    except RayError as exc:  # the actor's start failed (its model did not load)
+                        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                        raise ScoringError(f"a Ray worker failed to start: {type(exc).__name__}: {first}") from None
             while queue or running:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled("cancelled")
@@ -303,6 +327,7 @@ def score_archive(
     progress: Callable[[dict[str, Any], int, int], None] | None = None,
     session: ScoringModel | None = None,
     cancel: threading.Event | None = None,
+    start_timeout_s: float = 300.0,
 ) -> dict[str, Any]:
     """Score every slide of ``source`` (see ``list_archive``; or the items it listed) into
     ``out/<name>/``; write and return the run summary. ``ray_address`` None scores in this process,
@@ -312,7 +337,8 @@ def score_archive(
     ``threads``: ONNX Runtime threads (and Ray CPUs) per actor; 0 in this process means one per core.
     ``progress(record, done, pending)`` follows every slide scored; ``cancel``, once set, stops the
     run with Cancelled (no summary is written: the slides finished so far are sealed and a run
-    started again skips them).
+    started again skips them). On Ray, the actors must start (and load the model) within
+    ``start_timeout_s``, else ScoringError.
 
     Raises:
         ScoringError: nothing to score (see ``list_archive``), an unknown model, Ray missing.
@@ -354,7 +380,7 @@ def score_archive(
             report(records[-1])
     else:
         records = _on_ray(ray_address, pending, out, options, stamp, model_dir, entry.name, entry.version,
-                          workers, threads, report, cancel)
+                          workers, threads, report, cancel, start_timeout_s)
     wall = time.perf_counter() - t0
     done = [r for r in records if r["status"] == "done"]
     tiles = sum(r["tiles"] for r in done)

@@ -227,6 +227,19 @@ def test_cancel_on_ray_kills_the_actors(ray_cluster, archive, path_model_repo, t
     assert list((tmp_path / "out").rglob(DONE_FILE)) == []
 
 
+def test_actors_that_cannot_start_fail_the_run_in_bounded_time(ray_cluster, archive, path_model_repo, tmp_path):
+    """Actors asking for more CPUs than the cluster has are never placed: the run fails after
+    ``start_timeout_s`` with a message that says why, instead of waiting for ever; nothing is sealed,
+    and no CPU is left held."""
+    t0 = time.monotonic()
+    with pytest.raises(ScoringError, match=r"1 of 1 Ray workers did not start within 3 s: does the cluster have 3 free CPU"):
+        score_archive(archive, tmp_path / "out", model_dir=path_model_repo, model=PATH_MODEL, ray_address="local",
+                      workers=1, threads=3, start_timeout_s=3)
+    assert 3 <= time.monotonic() - t0 < 30
+    assert list((tmp_path / "out").rglob(DONE_FILE)) == []
+    assert ray_cluster.available_resources().get("CPU") == 2  # nothing placed, nothing held
+
+
 def test_cli_slides_in_this_process(archive, path_model_repo, tmp_path):
     """``python -m service.score slides`` without Ray: exit status 1 with the corrupt slide named,
     the others scored; started again, nothing is scored twice."""
