@@ -205,6 +205,17 @@ class LiveServer:
         self.thread.join(timeout=30)
 
 
+@pytest.fixture
+def jobs_client(app_client, path_model_repo, data_dir, tmp_path):
+    """``jobs_client(**settings)``: an app serving the pathology models with the data directory of
+    the requesting module's ``data_dir`` fixture and a jobs directory."""
+    def make(**overrides):
+        base = dict(model_dir=path_model_repo, jobs_dir=tmp_path / "jobs", data_dir=data_dir, warmup=False)
+        return app_client(**{**base, **overrides})
+
+    return make
+
+
 @pytest.fixture(scope="module")
 def live_server(model_repo):
     with LiveServer(make_settings(model_repo)) as server:

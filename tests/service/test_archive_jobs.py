@@ -60,16 +60,6 @@ def data_dir(tmp_path, synthetic_slides) -> Path:
     return root
 
 
-@pytest.fixture
-def archive_client(app_client, path_model_repo, data_dir, tmp_path):
-    """``archive_client(**settings)``: an app serving the pathology models with a data and a jobs directory."""
-    def make(**overrides):
-        base = dict(model_dir=path_model_repo, jobs_dir=tmp_path / "jobs", data_dir=data_dir, warmup=False)
-        return app_client(**{**base, **overrides})
-
-    return make
-
-
 def _session(sid: int) -> list[int]:
     """The processes of session ``sid``."""
     found = []
@@ -195,11 +185,11 @@ def check_results(client, job: dict, data_dir: Path, path_model, tmp_path) -> di
     return summary
 
 
-def test_archive_job_in_this_process(archive_client, data_dir, path_model, tmp_path):
+def test_archive_job_in_this_process(jobs_client, data_dir, path_model, tmp_path):
     """Without a Ray address the job scores in the service's process with the served model; the
     service imports no Ray for it."""
     ray_before = "ray" in sys.modules
-    client = archive_client()
+    client = jobs_client()
     r = submit(client, "archive")
     assert r.status_code == 202, r.text
     assert r.json()["input"]["path"] == "archive" and r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
@@ -236,11 +226,11 @@ def hold_after_first_slide(monkeypatch) -> tuple[threading.Event, list[str]]:
     return gate, scored
 
 
-def test_archive_job_cancel(archive_client, monkeypatch):
+def test_archive_job_cancel(jobs_client, monkeypatch):
     """A running archive job cancelled through the API stops before its next slide: 'cancelled', one
     slide scored, no results to download."""
     gate, scored = hold_after_first_slide(monkeypatch)
-    client = archive_client()
+    client = jobs_client()
     job_id = submit(client, "archive").json()["id"]
     assert gate.wait(120), "the first slide was not scored"
     running = client.get(f"/v1/jobs/{job_id}").json()
@@ -253,19 +243,19 @@ def test_archive_job_cancel(archive_client, monkeypatch):
     assert client.get(f"/v1/jobs/{job_id}/results/summary.json").status_code == 409
 
 
-def test_archive_job_resumes_after_a_restart(archive_client, data_dir, path_model, tmp_path, monkeypatch):
+def test_archive_job_resumes_after_a_restart(jobs_client, data_dir, path_model, tmp_path, monkeypatch):
     """A service stopped while its archive job runs leaves it 'running'; the next start runs it again,
     skipping the slide already sealed, and the files are those of an uninterrupted run."""
     gate, scored = hold_after_first_slide(monkeypatch)
     jobs_dir = tmp_path / "jobs"
-    first = archive_client(jobs_dir=jobs_dir)
+    first = jobs_client(jobs_dir=jobs_dir)
     job_id = submit(first, "archive").json()["id"]
     assert gate.wait(120), "the first slide was not scored"
     first.__exit__(None, None, None)  # stop the service mid-job
     on_disk = JobStore(jobs_dir).get(job_id)
     assert on_disk.state.value == "running" and on_disk.attempts == 1 and scored == ["a"]
 
-    second = archive_client(jobs_dir=jobs_dir)
+    second = jobs_client(jobs_dir=jobs_dir)
     job = wait_job(second, job_id)
     summary = check_results(second, job, data_dir, path_model, tmp_path)
     assert job["attempts"] == 2 and "service restart" in job["notes"][0]
@@ -273,7 +263,7 @@ def test_archive_job_resumes_after_a_restart(archive_client, data_dir, path_mode
     assert scored == ["a", "broken", "case2/b"], "a sealed slide was scored again"
 
 
-def test_archive_job_on_ray(ray_head, archive_client, data_dir, path_model, tmp_path, monkeypatch):
+def test_archive_job_on_ray(ray_head, jobs_client, data_dir, path_model, tmp_path, monkeypatch):
     """With ``GSA_RAY_ADDRESS`` the slides are scored by Ray actors (other processes), the files are the
     same, and every socket of this process and of the Ray processes is on loopback."""
     seen: dict[str, tuple[int, list]] = {}
@@ -284,7 +274,7 @@ def test_archive_job_on_ray(ray_head, archive_client, data_dir, path_model, tmp_
         release(ray)
 
     monkeypatch.setattr(archive_module._RAY, "release", check_then_release)
-    client = archive_client(ray_address=ray_head, ray_workers=2, ray_threads=1)
+    client = jobs_client(ray_address=ray_head, ray_workers=2, ray_threads=1)
     r = submit(client, "archive")
     assert r.status_code == 202, r.text
     job = wait_job(client, r.json()["id"], timeout_s=300)
@@ -298,10 +288,10 @@ def test_archive_job_on_ray(ray_head, archive_client, data_dir, path_model, tmp_
     assert not ray.is_initialized(), "the job's connection to Ray was left open"
 
 
-def test_archive_submissions_refused(archive_client, data_dir, tmp_path, monkeypatch):
+def test_archive_submissions_refused(jobs_client, data_dir, tmp_path, monkeypatch):
     """Uploads (400), paths and slides outside the data directory (403), nothing to score (400),
     an unknown model (404) or one without mpp (400), a Ray address without Ray (503): nothing queued."""
-    client = archive_client()
+    client = jobs_client()
     r = client.post(f"/v1/jobs/archives?model={PATH_MODEL}&filename=a.tiff", content=b"II*\x00" + b"\x00" * 64,
                     headers={"content-type": "application/octet-stream"})
     assert r.status_code == 400 and "archive jobs take no upload" in r.json()["error"]
@@ -335,7 +325,7 @@ def test_archive_submissions_refused(archive_client, data_dir, tmp_path, monkeyp
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *args: None if name == "ray" else real_find_spec(name, *args))
-    no_ray = archive_client(ray_address="127.0.0.1:6379", jobs_dir=tmp_path / "jobs2")
+    no_ray = jobs_client(ray_address="127.0.0.1:6379", jobs_dir=tmp_path / "jobs2")
     r = submit(no_ray, "archive")
     assert r.status_code == 503 and "Ray is not installed" in r.json()["error"]
     assert client.get("/v1/jobs").json()["jobs"] == [] and no_ray.get("/v1/jobs").json()["jobs"] == []

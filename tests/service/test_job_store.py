@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from conftest import make_settings, wait_ready
 from scoring_fixtures import PATH_MODEL
-from test_score_jobs import FINISHED, data_dir, jobs_client, submit_path, wait_job  # noqa: F401 (the fixtures, shared)
+from test_score_jobs import FINISHED, data_dir, submit_path, wait_job  # noqa: F401 (the fixture, shared)
 
 from service.job_store import DB_FILE, SCHEMA_VERSION, Job, JobState, JobStore
 from service.scoring.checkpoint import Checkpoint

@@ -36,16 +36,6 @@ def data_dir(tmp_path, synthetic_slides) -> Path:
     return root
 
 
-@pytest.fixture
-def jobs_client(app_client, path_model_repo, data_dir, tmp_path):
-    """``jobs_client(**settings)``: an app serving the pathology models with a data and a jobs directory."""
-    def make(**overrides):
-        base = dict(model_dir=path_model_repo, jobs_dir=tmp_path / "jobs", data_dir=data_dir, warmup=False)
-        return app_client(**{**base, **overrides})
-
-    return make
-
-
 def wait_job(client, job_id: str, until=FINISHED, timeout_s: float = 120.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
