@@ -114,7 +114,9 @@ class RunConfig:
     every optimizer step; validation, the best checkpoint and ``model_state`` then use the
     averaged weights (the raw ones are saved too, for resuming). ``ema_warmup`` (default on) ramps
     the decay up as ``min(ema_decay, (1 + t) / (10 + t))`` over the first updates ``t``, so that
-    the average of a short run is not dominated by its first weights.
+    the average of a short run is not dominated by its first weights. ``checkpoint_every_steps``
+    also writes the latest checkpoint every that many optimizer steps inside an epoch (resumed
+    exactly, mid-epoch); the best checkpoint and the metrics log stay once an epoch.
     """
 
     epochs: int = 10
@@ -134,6 +136,7 @@ class RunConfig:
     augment_hed: float = 0.0
     ema_decay: float | None = None
     ema_warmup: bool = True
+    checkpoint_every_steps: int | None = None
 
 
 @dataclass
@@ -253,6 +256,8 @@ def _check_values(config: TrainConfig, source: str) -> None:
         (0 <= config.train.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),
         (config.train.grad_clip is None or config.train.grad_clip > 0, "train.grad_clip must be > 0 or null"),
         (config.train.ema_decay is None or 0 < config.train.ema_decay < 1, "train.ema_decay must be in (0, 1) or null"),
+        (config.train.checkpoint_every_steps is None or config.train.checkpoint_every_steps >= 1,
+         "train.checkpoint_every_steps must be >= 1 or null"),
         (config.schedule.warmup_epochs >= 0, "schedule.warmup_epochs must be >= 0"),
         (config.data.num_workers >= 0, "data.num_workers must be >= 0"),
         (config.data.val_split != "test", "data.val_split must not be the test set"),

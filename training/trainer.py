@@ -10,6 +10,10 @@ JSON-lines metrics log and a progress bar.
 Exact resumption: the order of each epoch's batches comes from a DataLoader generator seeded
 with ``(seed, epoch)``, and every other RNG state (python, numpy, torch, CUDA) is saved at the
 end of each epoch and restored on resume, so ``1 epoch + resume 1`` equals ``2 epochs`` bit for bit.
+With ``train.checkpoint_every_steps`` the latest checkpoint is also written inside an epoch (the
+steps done, the epoch's running sums and the augmentation generator's state with it); a resumed
+run replays the epoch's batch order, skips the batches already trained on and goes on exactly
+where it stopped, so a long epoch survives a short session.
 """
 
 from __future__ import annotations
@@ -168,6 +172,7 @@ class Trainer:
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
+        self.partial: dict[str, Any] | None = None  # the current epoch's progress, when inside one
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         workers = self.config.data.num_workers
@@ -199,7 +204,7 @@ class Trainer:
             "optimizer_state": self.optimizer.state_dict(), "scheduler_state": self.scheduler.state_dict(),
             "epoch": self.epoch, "global_step": self.global_step, "rng": capture_rng_state(),
             "history": self.history, "best": self.best, "train_config": config_to_dict(self.config),
-            "data_fingerprint": self.fingerprint,
+            "data_fingerprint": self.fingerprint, "partial_epoch": self.partial,
         }
 
     def _load_same_model(self, path: str | Path, advice: str, free: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -265,9 +270,15 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler_state"])
         self.epoch, self.global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
         self.history, self.best = list(ckpt.get("history", [])), ckpt.get("best")
+        self.partial = ckpt.get("partial_epoch")
+        if self.partial is not None and not 0 < self.partial["steps"] < self.steps_per_epoch:
+            raise CheckpointError(path, f"checkpoint stopped after step {self.partial['steps']} of an epoch, but "
+                                        f"epochs here have {self.steps_per_epoch} steps; resume with the "
+                                        "checkpoint's batch_size and max_steps_per_epoch")
         restore_rng_state(ckpt["rng"])
         self._write_metrics_log()
-        logger.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.global_step)
+        within = f" (+{self.partial['steps']} steps into epoch {self.epoch + 1})" if self.partial else ""
+        logger.info("resumed from %s at epoch %d, step %d%s", path, self.epoch, self.global_step, within)
 
     def _write_metrics_log(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -287,24 +298,40 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     # ---- loop --------------------------------------------------------------------------------
-    def _train_epoch(self) -> tuple[float, float, int]:
+    def _train_epoch(self) -> tuple[float, float, int, float]:
+        """One epoch, or the rest of one when resumed inside it; returns the epoch's train loss,
+        train accuracy, images seen and training seconds (all including the part before a resume)."""
         self.model.train()
         self.loader_generator.manual_seed(self.run.seed * 1_000_003 + self.epoch)
         self.augment_generator.manual_seed(self.run.seed * 1_000_003 + self.epoch + 500_000_000)
-        total_loss, correct, seen = 0.0, 0, 0
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{self.run.epochs}",
+        done = self.partial or {"steps": 0, "loss_sum": 0.0, "correct": 0, "seen": 0, "time_s": 0.0,
+                                "lr": self.optimizer.param_groups[0]["lr"]}
+        if self.partial:
+            self.augment_generator.set_state(self.partial["augment_rng"])
+        total_loss, correct, seen = done["loss_sum"], done["correct"], done["seen"]
+        start = time.perf_counter() - done["time_s"]
+        every = self.run.checkpoint_every_steps
+        bar = tqdm(total=self.steps_per_epoch, initial=done["steps"], desc=f"epoch {self.epoch + 1}/{self.run.epochs}",
                    disable=not self.run.progress, leave=False, dynamic_ncols=True)
         for i, (x, y) in enumerate(self.train_loader):
             if i >= self.steps_per_epoch:
                 break
+            if i < done["steps"]:
+                continue  # trained on before the resume: same order, so skip (the batch is only read)
             loss, n_correct = self._train_step(x, y)
             total_loss += loss * y.shape[0]
             correct += n_correct
             seen += y.shape[0]
             bar.update(1)
             bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False)
+            if every and (i + 1) % every == 0 and i + 1 < self.steps_per_epoch:
+                self.partial = {"steps": i + 1, "loss_sum": total_loss, "correct": correct, "seen": seen,
+                                "time_s": time.perf_counter() - start, "lr": done["lr"],
+                                "augment_rng": self.augment_generator.get_state()}
+                save_checkpoint(self.out_dir / LATEST, self.state_dict())
         bar.close()
-        return total_loss / max(1, seen), correct / max(1, seen), seen
+        self.partial = None
+        return total_loss / max(1, seen), correct / max(1, seen), seen, time.perf_counter() - start
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
         x = x.to(self.device, non_blocking=True)
@@ -350,10 +377,9 @@ class Trainer:
         logger.info("training on %s (amp %s), %d train / %d val images, %d steps per epoch",
                     self.device, self.amp_dtype, len(self.train_set), len(self.val_set), self.steps_per_epoch)
         while self.epoch < last:
-            start = time.perf_counter()
-            lr = self.optimizer.param_groups[0]["lr"]
-            train_loss, train_acc, seen = self._train_epoch()
-            train_time = time.perf_counter() - start
+            lr = self.partial["lr"] if self.partial else self.optimizer.param_groups[0]["lr"]
+            train_loss, train_acc, seen, train_time = self._train_epoch()
+            start = time.perf_counter() - train_time
             val = evaluate_loader(self.eval_model, self.val_loader, self.device, self.amp_dtype)
             self.epoch += 1
             record = {

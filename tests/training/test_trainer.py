@@ -271,3 +271,61 @@ def test_ema_decay_must_be_a_fraction(tmp_path):
     for bad in (0, 1, 1.5, -0.1):
         with pytest.raises(ConfigError, match="ema_decay"):
             _config(tmp_path, ema_decay=bad)
+
+
+class _Killed(Exception):
+    """Stands for the process being killed."""
+
+
+def test_a_run_killed_inside_an_epoch_resumes_exactly_from_its_step_checkpoint(tmp_path):
+    """4 steps an epoch, a step checkpoint after each; the run is killed in the second epoch after
+    its 2nd step (global step 6), resumed in a fresh trainer, and ends with exactly the weights,
+    average and per-epoch figures of a run never interrupted (and never step-checkpointed)."""
+    data = _synthetic(32, seed=3), _synthetic(8, seed=4)
+    kw = {"augment_d4": True, "ema_decay": 0.9}
+    full = _trainer(tmp_path / "full", *data, **kw)
+    full.fit()
+
+    cut = _trainer(tmp_path / "cut", *data, checkpoint_every_steps=1, **kw)
+    step = cut._train_step
+    def dies_before_step_7(x, y):
+        if cut.global_step == 6:
+            raise _Killed
+        return step(x, y)
+    cut._train_step = dies_before_step_7
+    with pytest.raises(_Killed):
+        cut.fit()
+    ckpt = load_checkpoint(tmp_path / "cut" / LATEST)
+    assert (ckpt["epoch"], ckpt["global_step"], ckpt["partial_epoch"]["steps"]) == (1, 6, 2)
+    assert ckpt["partial_epoch"]["seen"] == 16
+    assert len(ckpt["history"]) == 1  # the epoch records stay once an epoch
+
+    resumed = _trainer(tmp_path / "cut", *data, seed=123, checkpoint_every_steps=1, **kw)
+    resumed.resume(tmp_path / "cut" / LATEST)
+    assert resumed.partial["steps"] == 2
+    resumed.fit()
+    assert (resumed.epoch, resumed.global_step, resumed.partial) == (2, 8, None)
+    _assert_same_state(resumed.model.state_dict(), full.model.state_dict(), "raw weight")
+    _assert_same_state(resumed.ema.module.state_dict(), full.ema.module.state_dict(), "averaged weight")
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "step"):
+        assert [r[key] for r in resumed.history] == [r[key] for r in full.history], key
+    final = load_checkpoint(tmp_path / "cut" / LATEST)
+    assert final["partial_epoch"] is None and final["global_step"] == 8
+    metrics = [json.loads(line) for line in (tmp_path / "cut" / METRICS).read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+
+    # the step count must fit the epochs of the resuming run
+    other = _trainer(tmp_path / "other", *data, checkpoint_every_steps=1, batch_size=16, **kw)
+    with pytest.raises(CheckpointError, match="after step 2 of an epoch, but epochs here have 2 steps"):
+        other.resume(_mid_epoch_copy(tmp_path, ckpt))
+
+
+def _mid_epoch_copy(tmp_path, ckpt):
+    from training.checkpoint import save_checkpoint
+    return save_checkpoint(tmp_path / "mid.pt", {k: v for k, v in ckpt.items() if k != "format"})
+
+
+def test_checkpoint_every_steps_must_be_positive(tmp_path):
+    from training.config import ConfigError
+    with pytest.raises(ConfigError, match="checkpoint_every_steps must be >= 1"):
+        _config(tmp_path, checkpoint_every_steps=0)
