@@ -159,7 +159,7 @@ def evaluate_rotations(
         total += torch.bincount(y.cpu(), minlength=num_classes)
         base.add(pred, y, pred)
         for k, tally in quarter.items():
-            tally.add(model(rotate_quarter_turns(x, k)).argmax(-1), y, pred)
+            tally.add(model(rotate_quarter_turns(x, k)).argmax(-1) if k else pred, y, pred)
         for a, tally in bilinear.items():
             tally.add(model(rotate_bilinear(x, math.radians(a))).argmax(-1), y, pred)
     count = int(total.sum())
