@@ -13,10 +13,11 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from gsa_contract import GRAPH_FILE, CardError, ModelCard, read_card
 
-__all__ = ["VersionEntry", "ModelRepository", "version_key", "sha256_file"]
+__all__ = ["VersionEntry", "ModelRepository", "version_key", "sha256_file", "best_pathology_model"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,19 @@ def version_key(version: str) -> tuple:
     """Sort key: "2" < "10", "1.2.0" < "1.10.0"; numeric parts before text parts."""
     parts = re.split(r"[.\-_+]", version)
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
+
+
+def best_pathology_model(cards: Iterable[ModelCard]) -> str | None:
+    """The name of the pathology model (RGB, with an ``mpp``) among ``cards`` (one per model: its
+    default version) whose card reports the highest validation accuracy (``metrics.best.val_acc``;
+    ties go to the later name); None when there is none."""
+    def accuracy(card: ModelCard) -> float:
+        best = card.metrics.get("best")
+        value = best.get("val_acc") if isinstance(best, dict) else None
+        return float(value) if isinstance(value, (int, float)) else -1.0
+
+    candidates = [card for card in cards if card.mpp is not None and card.channels == 3]
+    return max(candidates, key=lambda card: (accuracy(card), card.name)).name if candidates else None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -21,7 +21,7 @@ from service.batcher import DynamicBatcher
 from service.errors import ModelNotReady, NotFound, Overloaded, RequestTimeout, Unavailable
 from service.inference import OnnxModel, choose_providers, gpu_requested, provider_options
 from service.metrics import ServiceMetrics
-from service.repository import ModelRepository, VersionEntry, version_key
+from service.repository import ModelRepository, VersionEntry, best_pathology_model, version_key
 from service.settings import Settings
 from service.stats import ModelStats
 
@@ -290,19 +290,10 @@ class ModelServer:
         return versions[version]
 
     def best_pathology_model(self) -> str | None:
-        """The name of the ready RGB model with an mpp whose card reports the highest validation
-        accuracy (``metrics.best.val_acc``); None when no such model is served."""
-        candidates = [mv for mv in self.all() if mv.ready and mv.card is not None and mv.card.mpp is not None
-                      and mv.card.channels == 3 and mv is self.default(mv.name)]
-        if not candidates:
-            return None
-
-        def accuracy(mv: ModelVersion) -> float:
-            best = mv.card.metrics.get("best") if mv.card is not None else None
-            value = best.get("val_acc") if isinstance(best, dict) else None
-            return float(value) if isinstance(value, (int, float)) else -1.0
-
-        return max(candidates, key=lambda mv: (accuracy(mv), mv.name)).name
+        """The name of the ready pathology model (RGB, with an mpp) whose default version's card
+        reports the highest validation accuracy; None when no such model is served."""
+        return best_pathology_model(mv.card for mv in self.all()
+                                    if mv.ready and mv.card is not None and mv is self.default(mv.name))
 
     def default(self, name: str) -> ModelVersion:
         """Newest ready version; the newest of all when none is ready (to report why)."""

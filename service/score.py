@@ -55,12 +55,22 @@ class ProgressBar:
         self.stream.flush()
 
 
-def find_version(model_dir: Path, name: str, version: str | None):
+def find_version(model_dir: Path, name: str | None, version: str | None):
     """The repository entry (card and sha256 checked) of one version: the newest valid one when
-    ``version`` is None."""
-    from service.repository import ModelRepository, version_key
+    ``version`` is None; of the best pathology model when ``name`` is None."""
+    from service.repository import ModelRepository, best_pathology_model, version_key
 
-    entries = [e for e in ModelRepository(model_dir).scan() if e.name == name]
+    scanned = ModelRepository(model_dir).scan()
+    if name is None:
+        newest: dict = {}
+        for e in sorted((e for e in scanned if e.valid), key=lambda e: version_key(e.version)):
+            newest[e.name] = e
+        name = best_pathology_model(e.card for e in newest.values())
+        if name is None:
+            raise ScoringError(f"name the model with --model: {model_dir} holds no pathology model "
+                               "(RGB, with an 'mpp' in its card) to default to")
+        log.info("model: %s (the best pathology model in %s)", name, model_dir)
+    entries = [e for e in scanned if e.name == name]
     if not entries:
         raise ScoringError(f"unknown model '{name}' in {model_dir}")
     if version is None:
@@ -93,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m service.score", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", required=True, help="model name in the repository")
+    common.add_argument("--model", default=None,
+                        help="model name in the repository (default: the best pathology model there, "
+                             "RGB with an mpp, by its card's validation accuracy)")
     common.add_argument("--version", default=None, help="model version (default: the newest)")
     common.add_argument("--model-dir", type=Path, default=Path("models"), help="model repository (default: models)")
     common.add_argument("--out", type=Path, required=True, help="folder for the result files")

@@ -318,7 +318,7 @@ def score_archive(
     out: str | Path,
     *,
     model_dir: Path,
-    model: str,
+    model: str | None,
     version: str | None = None,
     options: SlideOptions | None = None,
     ray_address: str | None = None,
@@ -338,7 +338,7 @@ def score_archive(
     ``progress(record, done, pending)`` follows every slide scored; ``cancel``, once set, stops the
     run with Cancelled (no summary is written: the slides finished so far are sealed and a run
     started again skips them). On Ray, the actors must start (and load the model) within
-    ``start_timeout_s``, else ScoringError.
+    ``start_timeout_s``, else ScoringError. ``model`` None: the repository's best pathology model.
 
     Raises:
         ScoringError: nothing to score (see ``list_archive``), an unknown model, Ray missing.

@@ -246,3 +246,16 @@ def test_imagefolder_patch_job_by_path(jobs_client, data_dir):
     assert summary["count"] == 16 and sum(map(sum, summary["confusion_matrix"]["matrix"])) == 16
     meta = client.get(job["links"]["results"]["metadata.json"]).json()
     assert meta["source"]["kind"] == "imagefolder" and meta["source"]["labelled"]
+
+
+def test_jobs_without_a_model_use_the_best_pathology_model(jobs_client, model_repo):
+    """A slide job that names no model runs on the served pathology model (path_nompp, without mpp,
+    is passed over); a service with no pathology model answers 400 saying to name one."""
+    client = jobs_client()
+    r = client.post("/v1/jobs/slides", json={"path": "synthetic.tiff", "options": {"batch_size": 8}})
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["id"])
+    assert job["state"] == "succeeded" and job["model"] == PATH_MODEL, job
+    plain = jobs_client(model_dir=model_repo)  # gsa_tiny only: greyscale, no mpp
+    r = plain.post("/v1/jobs/slides", json={"path": "synthetic.tiff"})
+    assert r.status_code == 400 and "name the model" in r.json()["error"], r.text

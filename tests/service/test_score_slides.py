@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -269,3 +270,32 @@ def test_plain_png_and_overlap(path_model, synthetic_slides, tmp_path):
     assert half["plan"]["stride_px"] == 8 and (half["plan"]["grid_cols"], half["plan"]["grid_rows"]) == (63, 47)
     xs = sorted({int(t["minx"]) for t in read_tiles(tmp_path / "half" / "tiles.csv")})
     assert set(np.diff(xs)) == {16} and ref["counts"]["scored_tiles"] < half["counts"]["scored_tiles"]
+
+
+def _ranked_repo(root: Path, src: Path, accuracies: dict[str, float | None]) -> Path:
+    """Copies of the path model under other names, each card with its own validation accuracy
+    (None: no mpp, so not a pathology model)."""
+    for name, acc in accuracies.items():
+        dst = root / name / "1"
+        shutil.copytree(src, dst)
+        card = json.loads((dst / "card.json").read_text())
+        card.update({"name": name, "metrics": {"best": {"val_acc": acc if acc is not None else 0.99}}})
+        if acc is None:
+            card["mpp"] = None
+        (dst / "card.json").write_text(json.dumps(card))
+    return root
+
+
+def test_cli_defaults_to_the_best_pathology_model(path_model_repo, synthetic_slides, tmp_path, capsys):
+    """No --model: the RGB model with an mpp whose card reports the highest validation accuracy
+    (a model without mpp is passed over whatever its accuracy); none there: exit status 2."""
+    src = path_model_repo / PATH_MODEL / "1"
+    repo = _ranked_repo(tmp_path / "models", src, {"path_a": 0.80, "path_b": 0.90, "plain": None})
+    out = tmp_path / "out"
+    args = ["slide", str(synthetic_slides["slide"]), "--out", str(out), "--threads", "1", "--quiet", "--batch-size", "8"]
+    assert score_main([*args, "--model-dir", str(repo)]) == 0
+    assert json.loads((out / "metadata.json").read_text())["model"]["name"] == "path_b"
+
+    lone = _ranked_repo(tmp_path / "plain_only", src, {"plain": None})
+    assert score_main([*args, "--model-dir", str(lone)]) == 2
+    assert "name the model with --model" in capsys.readouterr().err
