@@ -260,6 +260,12 @@ def _checkpoint_provenance(ckpt: dict[str, Any]) -> tuple[dict[str, Any], dict[s
         "train_config": train_config or None,
     }
     history = ckpt.get("history") or []
+    times = [r.get("time_s") for r in history]
+    if history and all(isinstance(t, (int, float)) for t in times):
+        training["time_s"] = round(sum(times), 1)  # training and validation, every epoch to this one
+    devices = sorted({r["device"] for r in history if r.get("device")})
+    if devices:
+        training["devices"] = devices
     metrics = {"best": ckpt.get("best"), "last_epoch": history[-1] if history else None}
     return _plain({k: v for k, v in training.items() if v is not None}), _plain({k: v for k, v in metrics.items() if v})
 
@@ -275,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mpp", type=float, default=None,
                    help=f"input resolution in micrometres per pixel (default for PCam models: {PCAM_MPP})")
     p.add_argument("--metrics", default=None, help="JSON file of measured metrics (e.g. test accuracy) for the card")
+    p.add_argument("--machine", default=None, help="the machine the model was trained on, for the card")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--force", action="store_true", help="replace an existing name/version")
     return p
@@ -289,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         model, ckpt = load_model(args.checkpoint)
         training, metrics = _checkpoint_provenance(ckpt)
+        if args.machine:
+            training["machine"] = args.machine
         if args.metrics:
             metrics.update(json.loads(Path(args.metrics).read_text(encoding="utf-8")))
         mpp = args.mpp

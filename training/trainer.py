@@ -298,6 +298,12 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     # ---- loop --------------------------------------------------------------------------------
+    def _device_description(self) -> str:
+        """What trained: ``cuda: <GPU name>`` or ``cpu: <N> threads``."""
+        if self.device.type == "cuda":
+            return f"cuda: {torch.cuda.get_device_name(self.device)}"
+        return f"{self.device.type}: {torch.get_num_threads()} threads"
+
     def _train_epoch(self) -> tuple[float, float, int, float]:
         """One epoch, or the rest of one when resumed inside it; returns the epoch's train loss,
         train accuracy, images seen and training seconds (all including the part before a resume)."""
@@ -364,7 +370,7 @@ class Trainer:
         steps so far), ``lr`` (the learning rate of the epoch's first step, so near 0 in a first
         epoch that starts a warm-up), ``train_loss`` and ``train_acc`` (over the epoch, raw weights),
         ``val_loss`` and ``val_acc`` (the averaged weights when ``ema_decay`` is set), ``time_s``
-        (training and validation) and ``images_per_s`` (training only).
+        (training and validation), ``images_per_s`` (training only) and ``device`` (what trained).
 
         Args:
             stop_after: Stop once this many epochs are complete (an interruption: the schedule
@@ -387,6 +393,7 @@ class Trainer:
                 "train_loss": train_loss, "train_acc": train_acc,
                 "val_loss": val["loss"], "val_acc": val["accuracy"],
                 "time_s": time.perf_counter() - start, "images_per_s": seen / max(train_time, 1e-9),
+                "device": self._device_description(),
             }
             self.history.append(record)
             self._save(record)

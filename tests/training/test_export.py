@@ -308,7 +308,8 @@ def _checkpoint(path: Path, model: nn.Module) -> Path:
         "model_name": model.name, "model_config": dataclasses.asdict(model.config),
         "model_state": model.state_dict(), "epoch": 3, "global_step": 30,
         "best": {"epoch": 2, "val_acc": 0.91, "val_loss": 0.3},
-        "history": [{"epoch": 3, "val_acc": 0.9}],
+        "history": [{"epoch": 2, "val_acc": 0.91, "time_s": 10.25, "device": "cpu: 2 threads"},
+                    {"epoch": 3, "val_acc": 0.9, "time_s": 20.0, "device": "cuda: NVIDIA H100"}],
         "train_config": {"data": {"name": "mnist", "root": "mnist.npz"}},
     })
 
@@ -317,13 +318,15 @@ def test_cli_exports_refuses_and_forces(tmp_path, capsys):
     torch.manual_seed(6)
     ckpt = _checkpoint(tmp_path / "ckpt.pt", create_model("gsa_tiny_r4"))
     out = tmp_path / "models"
-    argv = ["--checkpoint", str(ckpt), "--name", "tiny", "--version", "1", "--out", str(out)]
+    argv = ["--checkpoint", str(ckpt), "--name", "tiny", "--version", "1", "--out", str(out), "--machine", "a test box"]
     assert main(argv) == 0
     folder = out / "tiny" / "1"
     card = json.loads((folder / CARD_FILE).read_text())
     assert card["command"] == "python -m training.export " + " ".join(argv)
     assert card["metrics"]["best"]["val_acc"] == 0.91 and card["training"]["data"]["name"] == "mnist"
     assert card["training"]["epochs"] == 3 and card["mpp"] is None and card["fp16_file"] is None
+    assert card["training"]["time_s"] == 30.2 and card["training"]["machine"] == "a test box"
+    assert card["training"]["devices"] == ["cpu: 2 threads", "cuda: NVIDIA H100"]
 
     (folder / "marker").write_text("old")
     capsys.readouterr()

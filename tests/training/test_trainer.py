@@ -90,9 +90,10 @@ def test_uninterrupted_training_changes_weights_and_logs(uninterrupted):
     changed = [k for k, v in uninterrupted.model.state_dict().items() if not torch.equal(v, fresh.state_dict()[k])]
     assert changed, "training left every weight at its initial value"
     rows = [json.loads(line) for line in (uninterrupted.out_dir / METRICS).read_text().splitlines()]
-    expected = {"epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "time_s", "images_per_s"}
+    expected = {"epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "time_s", "images_per_s", "device"}
     assert len(rows) == 2 and all(expected <= set(row) for row in rows)
     assert rows[1]["step"] == 4 and rows[0]["images_per_s"] > 0
+    assert rows[0]["device"] == f"cpu: {torch.get_num_threads()} threads"
 
 
 def test_checkpoint_contents(uninterrupted):
