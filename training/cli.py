@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
                     help="dataset option, e.g. rotation_seed=1 (repeatable)")
     ev.add_argument("--angle-step", type=float, default=15.0, help="degrees between bilinear rotations (0: none)")
+    ev.add_argument("--no-turns", action="store_true",
+                    help="skip the passes under quarter turns and the mirror (a model known to be invariant)")
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--max-samples", type=int, help="evaluate only the first N samples")
     ev.add_argument("--device", default="auto")
@@ -123,7 +125,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
     angles = [i * args.angle_step for i in range(int(360 // args.angle_step))] if args.angle_step > 0 else []
     report = evaluate_rotations(model.to(device), loader, model.config.num_classes, device, angles,
-                                model.config.labels(), progress=not args.no_progress)
+                                model.config.labels(), progress=not args.no_progress, turns=not args.no_turns)
     report = {"checkpoint": str(args.checkpoint), "model": ckpt["model_name"], "epoch": ckpt["epoch"],
               "dataset": name, "data": str(args.data), "split": args.split, **report}
     text = json.dumps(report, indent=2)

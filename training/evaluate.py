@@ -120,6 +120,7 @@ def evaluate_rotations(
     angles: Sequence[float] = DEFAULT_ANGLES,
     class_names: Sequence[str] = (),
     progress: bool = True,
+    turns: bool = True,
 ) -> dict[str, Any]:
     """Accuracy, per-class accuracy, and accuracy under exact quarter turns and bilinear rotations.
 
@@ -131,13 +132,15 @@ def evaluate_rotations(
         angles: Angles in degrees for the bilinear table.
         class_names: Names for the per-class table (default: class indices).
         progress: Show a progress bar.
+        turns: Also evaluate under the quarter turns and the mirror (four more passes; off for a
+            model whose invariance is already known, e.g. a D4-equivariant one).
 
     Returns:
         A JSON-ready dict: ``accuracy``, ``accuracy_ci95`` (Wilson score interval, the sampling
         uncertainty of ``accuracy`` on ``count`` images), ``loss``, ``count``, ``per_class_accuracy``,
         ``roc_auc`` (two classes: the last class's probability as the score), ``ece`` (15 bins),
-        ``rot90`` (keyed by degrees), ``mirror`` (left-right) and ``rotations`` (a list of
-        ``{degrees, accuracy, ...}``).
+        ``rot90`` (keyed by degrees) and ``mirror`` (left-right), both None without ``turns``, and
+        ``rotations`` (a list of ``{degrees, accuracy, ...}``).
     """
     model.eval()
     names = list(class_names) or [str(i) for i in range(num_classes)]
@@ -154,11 +157,12 @@ def evaluate_rotations(
         pred = logits.argmax(-1)
         probs.append(torch.softmax(logits, -1).cpu())
         truth.append(y.cpu())
-        mirror.add(model(x.flip(-1)).argmax(-1), y, pred)
+        if turns:
+            mirror.add(model(x.flip(-1)).argmax(-1), y, pred)
         loss += float(F.cross_entropy(logits, y, reduction="sum"))
         total += torch.bincount(y.cpu(), minlength=num_classes)
         base.add(pred, y, pred)
-        for k, tally in quarter.items():
+        for k, tally in quarter.items() if turns else ():
             tally.add(model(rotate_quarter_turns(x, k)).argmax(-1) if k else pred, y, pred)
         for a, tally in bilinear.items():
             tally.add(model(rotate_bilinear(x, math.radians(a))).argmax(-1), y, pred)
@@ -174,7 +178,7 @@ def evaluate_rotations(
         "per_class_accuracy": per_class,
         "roc_auc": roc_auc(t == num_classes - 1, p[:, -1]) if num_classes == 2 else None,
         "ece": expected_calibration_error(p, t),
-        "rot90": {str(90 * k): t.summary(total) for k, t in quarter.items()},
-        "mirror": mirror.summary(total),
+        "rot90": {str(90 * k): t.summary(total) for k, t in quarter.items()} if turns else None,
+        "mirror": mirror.summary(total) if turns else None,
         "rotations": [{"degrees": a, **t.summary(total)} for a, t in bilinear.items()],
     }

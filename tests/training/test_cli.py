@@ -232,6 +232,13 @@ def test_cli_evaluate_reports_rotations(tiny_run, capsys):
     # gsa_tiny_r4 is invariant to quarter turns: the exact rotations must not change a prediction
     assert all(v["agreement_with_unrotated"] == 1.0 for v in report["rot90"].values())
     assert len(report["per_class_accuracy"]) == 10
+    # --no-turns: the same figures without the passes under turns and the mirror
+    assert main(["evaluate", "--checkpoint", str(root / "run" / "checkpoint_best.pt"), "--data", str(npz),
+                 "--split", "val", "--angle-step", "0", "--no-turns", "--no-progress"]) == 0
+    lean = json.loads(capsys.readouterr().out)
+    assert lean["rot90"] is None and lean["mirror"] is None and lean["rotations"] == []
+    assert (lean["accuracy"], lean["roc_auc"], lean["ece"]) == (report["accuracy"], report["roc_auc"], report["ece"])
+    assert lean["loss"] == pytest.approx(report["loss"], rel=1e-6)
 
 
 def test_cli_evaluate_chunk_size_changes_nothing_but_speed(tiny_run, capsys):
