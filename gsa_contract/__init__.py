@@ -209,6 +209,11 @@ class ModelCard:
             "export": self.export, "files": self.files, "sha256": self.sha256, "fp16_file": self.fp16_file,
             "fp16_sha256": self.fp16_sha256, "command": self.command, "created": self.created,
         }
+        if self.mpp is not None:  # derived, for people: the patch's side in micrometres
+            at = list(data).index("mpp") + 1
+            items = list(data.items())
+            items.insert(at, ("patch_um", [round(self.input.height * self.mpp, 3), round(self.input.width * self.mpp, 3)]))
+            data = dict(items)
         data.update(self.extra)
         return data
 
@@ -266,7 +271,7 @@ _OPTIONAL = {  # field -> accepted JSON type(s); None allowed for every one
     "architecture": dict, "training": dict, "metrics": dict, "opset": int, "exporter": str, "versions": dict,
     "export": dict, "files": dict, "fp16_file": str, "fp16_sha256": str, "command": str, "created": str,
 }
-_KNOWN = {f.name for f in dataclasses.fields(ModelCard)} | {"outputs"}
+_KNOWN = {f.name for f in dataclasses.fields(ModelCard)} | {"outputs", "patch_um"}  # both derived
 
 
 def _is_int(value: Any) -> bool:

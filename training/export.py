@@ -282,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"input resolution in micrometres per pixel (default for PCam models: {PCAM_MPP})")
     p.add_argument("--metrics", default=None, help="JSON file of measured metrics (e.g. test accuracy) for the card")
     p.add_argument("--machine", default=None, help="the machine the model was trained on, for the card")
+    p.add_argument("--train-command", default=None, help="the command(s) that trained the checkpoint, for the card")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--force", action="store_true", help="replace an existing name/version")
     return p
@@ -298,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         training, metrics = _checkpoint_provenance(ckpt)
         if args.machine:
             training["machine"] = args.machine
+        if args.train_command:
+            training["command"] = args.train_command
         if args.metrics:
             metrics.update(json.loads(Path(args.metrics).read_text(encoding="utf-8")))
         mpp = args.mpp

@@ -181,9 +181,10 @@ async def _submit(request: Request, server, settings: Settings, kind: str, model
             body = json.loads(await request.body())
         except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for a body that is not UTF-8
             raise BadRequest(f"request body is not valid JSON: {exc}") from None
-        if (not isinstance(body, dict) or not isinstance(body.get("model", ""), str)
-                or not isinstance(body.get("path"), str)):
-            raise BadRequest('expected {"path": "...", "model": optional, "version": optional, "options": {...}}')
+        if (not isinstance(body, dict) or not isinstance(body.get("path"), str)
+                or not all(isinstance(body.get(k), (str, type(None))) for k in ("model", "version"))):
+            raise BadRequest('expected {"path": "...", "model": optional, "version": optional, "options": {...}} '
+                             '(model and version strings or null)')
         opts = body.get("options") or {}
         if not isinstance(opts, dict):
             raise BadRequest("'options' must be an object")

@@ -256,6 +256,10 @@ def test_jobs_without_a_model_use_the_best_pathology_model(jobs_client, model_re
     assert r.status_code == 202, r.text
     job = wait_job(client, r.json()["id"])
     assert job["state"] == "succeeded" and job["model"] == PATH_MODEL, job
+    r = client.post("/v1/jobs/slides", json={"path": "synthetic.tiff", "model": None, "version": None})
+    assert r.status_code == 202 and r.json()["model"] == PATH_MODEL, r.text  # null is "not named"
+    r = client.post("/v1/jobs/slides", json={"path": "synthetic.tiff", "model": 3})
+    assert r.status_code == 400 and "model and version strings or null" in r.json()["error"], r.text
     plain = jobs_client(model_dir=model_repo)  # gsa_tiny only: greyscale, no mpp
     r = plain.post("/v1/jobs/slides", json={"path": "synthetic.tiff"})
     assert r.status_code == 400 and "name the model" in r.json()["error"], r.text

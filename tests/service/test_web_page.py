@@ -24,10 +24,10 @@ import zipfile
 import httpx
 import numpy as np
 import pytest
-from data_paths import MNIST, require
+from data_paths import MNIST, SLIDE, require
 from PIL import Image
 from scoring_fixtures import PATH_MODEL
-from web_fixtures import API_KEY, ROOT, R4, js, open_page, screenshot, wait_for
+from web_fixtures import API_KEY, PCAM_R4M, ROOT, R4, js, open_page, screenshot, wait_for
 from web_fixtures import auth_server, browser, screenshots, server, web_repo  # noqa: F401  (fixtures)
 
 STATIC = ROOT / "service" / "static"
@@ -321,6 +321,46 @@ def test_slide_job_runs_and_its_heatmap_and_tiles_show(browser, server, syntheti
     assert refused.status_code == 404
     wait_for(browser, lambda d: refused.json()["error"] in d.find_element("id", "messages").text, what="the refusal")
     assert "HTTP 404" in browser.find_element("id", "messages").text
+
+
+def test_real_slide_with_the_shipped_pathology_model(browser, server, screenshots):
+    """The committed D4 model on the real slide (by its path in the data directory): the job runs to
+    the end, the heatmap shows over the slide's thumbnail, and a click on a tissue tile shows that
+    tile's probabilities as tiles.csv has them."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    require(SLIDE)
+    open_page(browser, server, PCAM_R4M)
+    browser.find_element("id", "slide-path").send_keys("real.svs")
+    browser.find_element("css selector", "#slide-path-form button[type=submit]").click()
+    wait_for(browser, lambda d: d.find_element("id", "job").get_attribute("data-state") in ("succeeded", "failed", "cancelled"),
+             timeout_s=300, what="the slide job")
+    job = httpx.get(f"{server}/v1/jobs/{browser.find_element('id', 'job').get_attribute('data-job-id')}").json()
+    assert job["state"] == "succeeded" and job["model"] == PCAM_R4M, job
+    base = f"{server}/v1/jobs/{job['id']}/results"
+    meta = httpx.get(f"{base}/metadata.json").json()
+    rows = list(csv.DictReader(io.StringIO(httpx.get(f"{base}/tiles.csv").text)))
+    assert len(rows) == job["progress"]["total"] == meta["counts"]["scored_tiles"] > 0
+    assert meta["model"]["mpp"] == 0.972 and {r["predicted"] for r in rows} <= {"normal", "tumor"}
+
+    wait_for(browser, lambda d: d.find_element("id", "heatmap").get_attribute("data-loaded") == "true", what="the heatmap")
+    img = browser.find_element("id", "heatmap-img")
+    natural = js(browser, "return [arguments[0].naturalWidth, arguments[0].naturalHeight]", img)
+    scale = meta["tissue"]["thumbnail_scale"]  # the thumbnail the tissue mask was found on, level-0 px a pixel
+    assert all(abs(n - d / scale) <= 1 for n, d in zip(natural, meta["slide"]["dimensions"])), natural
+    tile = sorted(rows, key=lambda r: (int(r["row"]), int(r["col"])))[len(rows) // 2]
+    width, height = js(browser, "return [arguments[0].clientWidth, arguments[0].clientHeight]", img)
+    x = (int(tile["minx"]) + int(tile["width"]) / 2) / scale / natural[0] * width
+    y = (int(tile["miny"]) + int(tile["height"]) / 2) / scale / natural[1] * height
+    js(browser, "arguments[0].scrollIntoView({block: 'center'})", img)
+    ActionChains(browser).move_to_element_with_offset(img, round(x - width / 2), round(y - height / 2)).click().perform()
+    info = browser.find_element("id", "tile-info")
+    wait_for(browser, lambda d: (info.get_attribute("data-col"), info.get_attribute("data-row")) == (tile["col"], tile["row"]),
+             what="the clicked tile")
+    probs = {li.get_attribute("data-label"): float(li.get_attribute("data-probability"))
+             for li in info.find_elements("css selector", "li")}
+    assert probs == pytest.approx({"normal": float(tile["prob_normal"]), "tumor": float(tile["prob_tumor"])}, abs=1e-6)
+    screenshot(browser, screenshots, "real-slide-pcam-r4m")
 
 
 def test_with_api_keys_on_the_page_asks_for_a_key_and_sends_it(browser, auth_server, screenshots):

@@ -20,10 +20,12 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
+from data_paths import SLIDE, data_path
 from scoring_fixtures import PATH_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
 R4 = "rotmnist-r4"  # committed in models/: 28x28 greyscale digits, group R4
+PCAM_R4M = "pcam-r4m"  # committed in models/: 96x96 H&E patches at 0.972 um/px, group R4M (D4)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 WINDOW = (1366, 900)  # a laptop screen
 
@@ -44,17 +46,22 @@ def _free_port() -> int:
 # ---- the server ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def web_repo(tmp_path_factory, path_model_repo) -> Path:
-    """rotmnist-r4 (committed) and path_r4 (exported by the scoring tests' fixture) in one repository."""
+    """rotmnist-r4 and pcam-r4m (committed) and path_r4 (exported by the scoring tests' fixture) in
+    one repository."""
     root = tmp_path_factory.mktemp("web_models")
-    shutil.copytree(ROOT / "models" / R4, root / R4)
+    for name in (R4, PCAM_R4M):
+        shutil.copytree(ROOT / "models" / name, root / name)
     shutil.copytree(path_model_repo / PATH_MODEL, root / PATH_MODEL)
     return root
 
 
 def _serve(web_repo: Path, slide: Path, tmp: Path, **extra_env: str):
-    """``python -m service`` on a free port of 127.0.0.1, with a jobs and a data directory; yields its URL."""
+    """``python -m service`` on a free port of 127.0.0.1, with a jobs and a data directory (the
+    synthetic slide, and the real one as ``real.svs`` where the data folder has it); yields its URL."""
     (tmp / "data").mkdir()
     shutil.copy(slide, tmp / "data" / "synthetic.tiff")
+    if data_path(SLIDE).is_file():
+        shutil.copy(data_path(SLIDE), tmp / "data" / "real.svs")
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GSA_")}
     env.update(GSA_MODEL_DIR=str(web_repo), GSA_HOST="127.0.0.1", GSA_PORT=str(port), GSA_JOBS_DIR=str(tmp / "jobs"),

@@ -237,6 +237,7 @@ def test_export_model_writes_version(written):
     assert card["fp16_sha256"] == hashlib.sha256((folder / FP16_FILE).read_bytes()).hexdigest()
     assert card["name"] == "tiny" and card["version"] == "3" and card["task"] == "classification"
     assert card["labels"] == [str(i) for i in range(10)] and card["mpp"] == PCAM_MPP
+    assert card["patch_um"] == [round(16 * PCAM_MPP, 3)] * 2  # the 16-pixel input's side in micrometres
     assert card["input"] == {**card["input"], "dtype": "uint8", "layout": "NHWC", "height": 16, "width": 16, "channels": 1}
     elements = [(e["angle"], e["reflection"]) for e in card["group"]["elements"]]
     assert card["group"]["name"] == "R4" and elements == [(0.0, False), (90.0, False), (180.0, False), (270.0, False)]
@@ -318,7 +319,8 @@ def test_cli_exports_refuses_and_forces(tmp_path, capsys):
     torch.manual_seed(6)
     ckpt = _checkpoint(tmp_path / "ckpt.pt", create_model("gsa_tiny_r4"))
     out = tmp_path / "models"
-    argv = ["--checkpoint", str(ckpt), "--name", "tiny", "--version", "1", "--out", str(out), "--machine", "a test box"]
+    argv = ["--checkpoint", str(ckpt), "--name", "tiny", "--version", "1", "--out", str(out), "--machine", "a test box",
+            "--train-command", "python -m training.cli train --config c.yaml"]
     assert main(argv) == 0
     folder = out / "tiny" / "1"
     card = json.loads((folder / CARD_FILE).read_text())
@@ -326,6 +328,7 @@ def test_cli_exports_refuses_and_forces(tmp_path, capsys):
     assert card["metrics"]["best"]["val_acc"] == 0.91 and card["training"]["data"]["name"] == "mnist"
     assert card["training"]["epochs"] == 3 and card["mpp"] is None and card["fp16_file"] is None
     assert card["training"]["time_s"] == 30.2 and card["training"]["machine"] == "a test box"
+    assert card["training"]["command"] == "python -m training.cli train --config c.yaml" and "patch_um" not in card
     assert card["training"]["devices"] == ["cpu: 2 threads", "cuda: NVIDIA H100"]
 
     (folder / "marker").write_text("old")

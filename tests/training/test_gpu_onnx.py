@@ -31,7 +31,10 @@ from training.data import build_dataset
 from training.equivariance import act_on_group_signal, act_on_spatial, relative_error
 
 ROOT = Path(__file__).resolve().parents[2]
-MODELS = sorted(p for p in (ROOT / "models").glob("*/*") if (p / "model.fp16.onnx").is_file())
+# The greyscale (RotMNIST) graphs, checked on real digits; the RGB pathology graphs are not run here (not yet
+# checked on a GPU: no device was lent when they were added).
+MODELS = sorted(p for p in (ROOT / "models").glob("*/*") if (p / "model.fp16.onnx").is_file()
+                and json.loads((p / "card.json").read_text())["input"]["channels"] == 1)
 CUDA = "CUDAExecutionProvider"
 # TF32 matrix products are asked off for the fp32 graph: the contract's parity is 1e-4.
 CUDA_FP32 = (CUDA, {"use_tf32": "0"})
