@@ -55,6 +55,16 @@ class ProgressBar:
         self.stream.flush()
 
 
+def newest_valid(entries) -> dict:
+    """``{name: entry}``: each model's newest valid version (its default) among repository entries."""
+    from service.repository import version_key
+
+    newest: dict = {}
+    for e in sorted((e for e in entries if e.valid), key=lambda e: version_key(e.version)):
+        newest[e.name] = e
+    return newest
+
+
 def find_version(model_dir: Path, name: str | None, version: str | None):
     """The repository entry (card and sha256 checked) of one version: the newest valid one when
     ``version`` is None; of the best pathology model when ``name`` is None."""
@@ -62,10 +72,7 @@ def find_version(model_dir: Path, name: str | None, version: str | None):
 
     scanned = ModelRepository(model_dir).scan()
     if name is None:
-        newest: dict = {}
-        for e in sorted((e for e in scanned if e.valid), key=lambda e: version_key(e.version)):
-            newest[e.name] = e
-        name = best_pathology_model(e.card for e in newest.values())
+        name = best_pathology_model(e.card for e in newest_valid(scanned).values())
         if name is None:
             raise ScoringError(f"name the model with --model: {model_dir} holds no pathology model "
                                "(RGB, with an 'mpp' in its card) to default to")

@@ -18,8 +18,9 @@ from data_paths import SLIDE, require
 from test_score_jobs import submit_path, wait_job
 from test_score_slides import check_qupath_geojson, read_tiles
 
-from service.repository import ModelRepository, best_pathology_model, version_key
+from service.repository import ModelRepository, best_pathology_model
 from service.score import main as score_main
+from service.score import newest_valid
 from training.cli import main as train_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,9 +30,7 @@ SAMPLE = ROOT / "tests" / "data" / "pcam-valid-sample"
 
 def _best() -> tuple[str, Path]:
     """The best pathology model in models/ and its default (newest) version folder."""
-    newest: dict = {}
-    for entry in sorted((e for e in ModelRepository(MODELS).scan() if e.valid), key=lambda e: version_key(e.version)):
-        newest[entry.name] = entry
+    newest = newest_valid(ModelRepository(MODELS).scan())
     name = best_pathology_model(e.card for e in newest.values())
     assert name is not None, "no pathology model is committed in models/"
     return name, newest[name].path
