@@ -5,7 +5,8 @@ itself; draws the slide's thumbnail beside the same thumbnail under the tile gri
 probability (unscored tiles, glass, left clear), with the tissue tiles' figures in the title.
 
     .venv/bin/python -m service.score slide ../shared/data/slides/cmu_small_region.svs --out /tmp/cmu
-    .venv/bin/python docs/make_slide_figure.py /tmp/cmu [--slide PATH] [--output docs/slide_heatmap.png]
+    .venv/bin/python docs/make_slide_figure.py /tmp/cmu --slide ../shared/data/slides/cmu_small_region.svs \
+        [--output docs/slide_heatmap.png]
 
 Prints the figures it draws. Needs numpy, openslide and matplotlib.
 """
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, help="a folder written by `python -m service.score slide`")
-    parser.add_argument("--slide", type=Path, default=None, help="the slide (default: the path in metadata.json)")
+    parser.add_argument("--slide", type=Path, default=None,
+                        help="the slide (default: metadata.json's slide path, relative to the current folder)")
     parser.add_argument("--label", default=None, help="the label drawn (default: the last, e.g. tumor)")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "slide_heatmap.png")
     args = parser.parse_args(argv)
@@ -70,7 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     meta = json.loads((args.results / "metadata.json").read_text())
     heat = np.load(args.results / "heatmap.npy")
     label = args.label or meta["model"]["labels"][-1]
-    with openslide.OpenSlide(str(args.slide or meta["slide"]["path"])) as slide:
+    slide_path = args.slide or Path(meta["slide"]["path"])
+    if not slide_path.is_file():
+        parser.error(f"slide {slide_path} not found: name it with --slide")
+    with openslide.OpenSlide(str(slide_path)) as slide:
         w, h = slide.dimensions
         scale = meta["tissue"]["thumbnail_scale"]
         thumb = np.asarray(slide.get_thumbnail((w // scale, h // scale)).convert("RGB"))
