@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     # scoring jobs (slides and patch sets): state and results on disk, one folder per job
     jobs_dir: Path = Path("jobs")  # created on the first job; mount a volume here to keep jobs across restarts
     data_dir: Path | None = None  # path submissions must resolve inside it; None: uploads only
+    # the model of slide, patch-set and archive jobs that name none; None: the served pathology model
+    # (RGB, with an mpp in its card) whose default version reports the highest validation accuracy
+    pathology_model: str | None = None
     max_concurrent_jobs: int = Field(1, ge=1)  # jobs running at once
     max_queued_jobs: int = Field(100, ge=1)  # jobs waiting; beyond it submissions get 429
     max_upload_bytes: int = Field(4 * 1024**3, ge=1)  # one uploaded slide or patch set; 413 beyond

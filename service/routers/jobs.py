@@ -143,10 +143,16 @@ def _check_model(server, kind: str, name: str, version: str | None, options: dic
                          "to write; export it with --features or leave the option out")
 
 
-def _model_name(server, model: str | None) -> str:
-    """The named model, or the best pathology model (RGB, with an mpp; highest validation accuracy)."""
+def _model_name(server, settings: Settings, model: str | None) -> str:
+    """The named model; else GSA_PATHOLOGY_MODEL; else the best pathology model (RGB, with an mpp;
+    highest validation accuracy)."""
     if model:
         return model
+    if settings.pathology_model:
+        if settings.pathology_model not in server.versions:
+            raise BadRequest(f"the default pathology model '{settings.pathology_model}' (GSA_PATHOLOGY_MODEL) is not "
+                             f"served; name the model (served: {', '.join(sorted(server.versions)) or 'none'})")
+        return settings.pathology_model
     best = server.best_pathology_model()
     if best is None:
         raise BadRequest("name the model (no pathology model, RGB with an 'mpp' in its card, is served to default to)")
@@ -188,7 +194,7 @@ async def _submit(request: Request, server, settings: Settings, kind: str, model
         opts = body.get("options") or {}
         if not isinstance(opts, dict):
             raise BadRequest("'options' must be an object")
-        name = _model_name(server, body.get("model"))
+        name = _model_name(server, settings, body.get("model"))
         _check_model(server, kind, name, body.get("version"), opts)
         path = (resolve_archive_path if kind == "archive" else resolve_data_path)(settings, body["path"])
         opts = _check_options(settings, kind, opts)
@@ -198,7 +204,7 @@ async def _submit(request: Request, server, settings: Settings, kind: str, model
         job = jobs.submit(kind, name, body.get("version"), path, False, opts, owner=_principal(request))
     elif media_type in ("application/octet-stream", "image/tiff", "image/png", "image/jpeg", "application/x-hdf5",
                         "application/x-hdf"):
-        model = _model_name(server, model)
+        model = _model_name(server, settings, model)
         try:
             opts = json.loads(options) if options else {}
         except ValueError as exc:

@@ -263,3 +263,25 @@ def test_jobs_without_a_model_use_the_best_pathology_model(jobs_client, model_re
     plain = jobs_client(model_dir=model_repo)  # gsa_tiny only: greyscale, no mpp
     r = plain.post("/v1/jobs/slides", json={"path": "synthetic.tiff"})
     assert r.status_code == 400 and "name the model" in r.json()["error"], r.text
+
+
+def test_the_default_pathology_model_is_configurable(jobs_client, data_dir):
+    """GSA_PATHOLOGY_MODEL replaces the ranking for jobs that name no model (here the lower-ranked
+    path_nompp: patch sets need no mpp, slides still do); a name that is not served is a 400 saying so."""
+    from PIL import Image
+
+    (data_dir / "tiles").mkdir()
+    for i in range(4):
+        Image.fromarray(tissue_image(96, 96, seed=i, blank_right=0.0)).save(data_dir / "tiles" / f"{i}.png")
+    client = jobs_client(pathology_model=NO_MPP_MODEL)
+    r = client.post("/v1/jobs/patches", json={"path": "tiles", "options": {"fit": "crop", "batch_size": 4}})
+    assert r.status_code == 202 and r.json()["model"] == NO_MPP_MODEL, r.text
+    assert wait_job(client, r.json()["id"])["state"] == "succeeded"
+    r = client.post("/v1/jobs/slides", json={"path": "synthetic.tiff"})
+    assert r.status_code == 400 and "has no resolution ('mpp')" in r.json()["error"], r.text
+    r = client.post("/v1/jobs/slides", json={"path": "synthetic.tiff", "model": PATH_MODEL})
+    assert r.status_code == 202 and r.json()["model"] == PATH_MODEL, r.text  # a named model still wins
+
+    missing = jobs_client(pathology_model="nope")
+    r = missing.post("/v1/jobs/slides", json={"path": "synthetic.tiff"})
+    assert r.status_code == 400 and "'nope' (GSA_PATHOLOGY_MODEL) is not served" in r.json()["error"], r.text
