@@ -160,6 +160,11 @@ class ModelServer:
             self.versions.setdefault(entry.name, {})[entry.version] = mv
             self.metrics.model_ready.labels(mv.name, mv.version).set(0)
         log.info("model repository %s: %d model versions", self.settings.model_dir, len(self.all()))
+        wanted = self.settings.pathology_model
+        if wanted and wanted not in self.versions:
+            log.warning("GSA_PATHOLOGY_MODEL names '%s', which is not in the model repository (models: %s): jobs "
+                        "that name no model will be refused until it is set to a served model",
+                        wanted, ", ".join(sorted(self.versions)) or "none")
         self._load_task = asyncio.get_running_loop().create_task(self._load_all(), name="load-models")
 
     async def _load_all(self) -> None:

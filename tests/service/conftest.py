@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import socket
 import threading
@@ -214,6 +215,17 @@ def jobs_client(app_client, path_model_repo, data_dir, tmp_path):
         return app_client(**{**base, **overrides})
 
     return make
+
+
+@pytest.fixture
+def service_logs():
+    """Records of the ``service`` loggers (they do not propagate to the root, so not caplog)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    logging.getLogger("service").addHandler(handler)
+    yield records
+    logging.getLogger("service").removeHandler(handler)
 
 
 @pytest.fixture(scope="module")

@@ -78,17 +78,6 @@ def test_request_id_in_and_out_and_in_the_json_logs(app_client, caplog):
     assert generated != "bad id with spaces" and len(generated) == 32
 
 
-@pytest.fixture
-def service_logs():
-    """Records of the ``service`` loggers (they do not propagate to the root, so not caplog)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.DEBUG)
-    handler.emit = records.append
-    logging.getLogger("service").addHandler(handler)
-    yield records
-    logging.getLogger("service").removeHandler(handler)
-
-
 def test_gpu_asked_for_but_not_in_use_warns(app_client, service_logs):
     import onnxruntime as ort
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -265,9 +266,10 @@ def test_jobs_without_a_model_use_the_best_pathology_model(jobs_client, model_re
     assert r.status_code == 400 and "name the model" in r.json()["error"], r.text
 
 
-def test_the_default_pathology_model_is_configurable(jobs_client, data_dir):
+def test_the_default_pathology_model_is_configurable(jobs_client, data_dir, service_logs):
     """GSA_PATHOLOGY_MODEL replaces the ranking for jobs that name no model (here the lower-ranked
-    path_nompp: patch sets need no mpp, slides still do); a name that is not served is a 400 saying so."""
+    path_nompp: patch sets need no mpp, slides still do); a name that is not served is a warning at
+    start-up and a 400 saying so at submission."""
     from PIL import Image
 
     (data_dir / "tiles").mkdir()
@@ -282,6 +284,9 @@ def test_the_default_pathology_model_is_configurable(jobs_client, data_dir):
     r = client.post("/v1/jobs/slides", json={"path": "synthetic.tiff", "model": PATH_MODEL})
     assert r.status_code == 202 and r.json()["model"] == PATH_MODEL, r.text  # a named model still wins
 
+    assert not any("GSA_PATHOLOGY_MODEL" in r.getMessage() for r in service_logs)
     missing = jobs_client(pathology_model="nope")
+    warned = [r.getMessage() for r in service_logs if r.levelno == logging.WARNING]
+    assert any("GSA_PATHOLOGY_MODEL names 'nope', which is not in the model repository" in m for m in warned), warned
     r = missing.post("/v1/jobs/slides", json={"path": "synthetic.tiff"})
     assert r.status_code == 400 and "'nope' (GSA_PATHOLOGY_MODEL) is not served" in r.json()["error"], r.text
